@@ -1,0 +1,408 @@
+"""MoE discovery: find the routed-expert layers of any transformers 5 causal LM.
+
+transformers 5 stores the routed experts of a layer as fused 3-D parameters on one ``*Experts`` module
+(``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; gpt-oss transposed and interleaved, with biases), and every
+router is a module returning ``(logits or probabilities [N, E], top-k weights [N, k], top-k indices [N, k])``.
+
+Routers are found through the class the model declares for router-logit recording
+(``_can_record_outputs["router_logits"]``), never by attribute names alone. The router's scoring rule is not looked
+up in a table either: it is identified by probing a copy of the router with random weights and checking which rule
+reproduces the top-k weights the router itself returns. A family we have never seen works without code changes as
+long as its router follows one of the rules in :data:`SCORING_RULES`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Families we test on tiny configs; any other family whose router follows the same convention works too.
+SUPPORTED_FAMILIES = (
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "phimoe",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring rules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoringRule:
+    """How a router turns its scores into top-k weights, and what its "probability over all experts" is.
+
+    ``kind`` is one of:
+
+    - ``"softmax"``: softmax over all experts, then top-k, optionally renormalised (OLMoE, Qwen, Mixtral).
+      Probability over experts = the softmax.
+      Top-k on the logits followed by a softmax over the k values (gpt-oss, GraniteMoE) is the same function as
+      softmax, top-k, renormalise, so those routers are identified as ``"softmax"`` with ``normalize=True``.
+    - ``"sigmoid"``: sigmoid scores plus a selection-only bias, group-limited top-k, optional renormalisation and a
+      scaling factor (DeepSeek-V3, GLM4-MoE). Probability over experts = sigmoid scores divided by their sum (the same
+      normalisation the router applies to its top-k weights); the selection bias is excluded because it only steers
+      selection and never enters the weights.
+    - ``"sparsemixer"``: PhiMoE's sparsemixer. Probability over experts = softmax of the logits; the weights are
+      recomputed with the evaluation-mode sparsemixer formula for the given indices.
+    """
+
+    kind: str
+    first_output: str = "logits"  # "logits" or "probabilities"
+    normalize: bool = False
+    scale: float = 1.0
+    jitter_eps: float = 0.0
+
+    def probabilities(self, first_output: torch.Tensor) -> torch.Tensor:
+        """The router's probability over all experts, ``[N, E]`` in fp32."""
+        scores = first_output.float()
+        if self.first_output == "probabilities":
+            return scores
+        if self.kind == "sigmoid":
+            sig = scores.sigmoid()
+            return sig / sig.sum(dim=-1, keepdim=True)
+        return scores.softmax(dim=-1)
+
+    def topk_weights(self, first_output: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Top-k weights the router would give experts ``indices`` from its live scores (differentiable)."""
+        indices = indices.long()
+        scores = first_output.float()
+        if self.kind == "softmax":
+            probs = scores if self.first_output == "probabilities" else scores.softmax(dim=-1)
+            weights = probs.gather(-1, indices)
+            if self.normalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return weights * self.scale
+        if self.kind == "sigmoid":
+            weights = scores.sigmoid().gather(-1, indices)
+            if self.normalize:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return weights * self.scale
+        if self.kind == "sparsemixer":
+            return _sparsemixer_weights(scores, indices, self.jitter_eps)
+        raise ValueError(f"unknown scoring rule {self.kind!r}")
+
+
+def _sparsemixer_weights(scores: torch.Tensor, indices: torch.Tensor, jitter_eps: float) -> torch.Tensor:
+    """PhiMoE's evaluation-mode sparsemixer weights, generalised to given indices.
+
+    For slot j the candidates are the experts not chosen in earlier slots whose score is within the relative
+    distance ``2 * jitter_eps`` of the chosen expert's score; the weight is the softmax over candidates at the chosen
+    expert.
+    """
+    masked = scores
+    weights = []
+    for slot in range(indices.shape[-1]):
+        chosen = indices[:, slot : slot + 1]
+        chosen_score = masked.gather(-1, chosen)
+        with torch.no_grad():
+            factor = scores.abs().clamp(min=chosen_score)
+            too_far = ((chosen_score - scores) / factor) > (2 * jitter_eps)
+        gates = masked.masked_fill(too_far, float("-inf")).softmax(dim=-1)
+        weights.append(gates.gather(-1, chosen))
+        masked = masked.scatter(-1, chosen, float("-inf"))
+    return torch.cat(weights, dim=-1)
+
+
+def _constant_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float | None:
+    """The constant c with numerator == c * denominator, or None when there is none."""
+    ratio = numerator / denominator
+    c = ratio.flatten()[0].item()
+    if torch.allclose(ratio, torch.full_like(ratio, c), rtol=1e-4, atol=1e-5):
+        return 1.0 if abs(c - 1.0) < 1e-5 else c  # float noise of a renormalisation is not a scale
+    return None
+
+
+def _identify_rule(router: nn.Module, hidden_size: int, jitter_eps: float) -> ScoringRule:
+    """Probe a copy of ``router`` with random weights and return the rule that reproduces its top-k weights."""
+    first, weights, indices = _probe(router, hidden_size)
+    first, weights, indices = first.float(), weights.float(), indices.long()
+    row_sums = first.sum(dim=-1)
+    is_probs = bool((first >= 0).all() and torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4))
+    first_output = "probabilities" if is_probs else "logits"
+
+    probs = first if is_probs else first.softmax(dim=-1)
+    gathered = probs.gather(-1, indices)
+    if (c := _constant_ratio(weights, gathered)) is not None:
+        return ScoringRule("softmax", first_output, normalize=False, scale=c)
+    if (c := _constant_ratio(weights, gathered / gathered.sum(-1, keepdim=True))) is not None:
+        return ScoringRule("softmax", first_output, normalize=True, scale=c)
+    if is_probs:
+        return _unsupported()
+    sig = first.sigmoid().gather(-1, indices)
+    if (c := _constant_ratio(weights, sig)) is not None:
+        return ScoringRule("sigmoid", first_output, normalize=False, scale=c)
+    if (c := _constant_ratio(weights, sig / sig.sum(-1, keepdim=True))) is not None:
+        return ScoringRule("sigmoid", first_output, normalize=True, scale=c)
+    if torch.allclose(weights, _sparsemixer_weights(first, indices, jitter_eps), atol=1e-5):
+        return ScoringRule("sparsemixer", first_output, jitter_eps=jitter_eps)
+    return _unsupported()
+
+
+def _unsupported() -> ScoringRule:
+    return ScoringRule("unsupported")
+
+
+@torch.no_grad()
+def _probe(router: nn.Module, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Call a float32 copy of ``router`` with random weights on random hidden states, in eval mode.
+
+    A copy keeps the model untouched; random weights avoid the ties a zero-initialised router would produce.
+    """
+    probe = copy.deepcopy(router).float().eval()
+    for hooks in (probe._forward_hooks, probe._forward_pre_hooks):
+        hooks.clear()  # a copy made while record/replay hooks are active must not replay or record
+    generator = torch.Generator().manual_seed(0)
+    for param in probe.parameters():
+        param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    device = next(probe.parameters()).device
+    hidden = torch.randn(64, hidden_size, generator=generator).to(device)
+    output = probe(hidden)
+    if not (isinstance(output, tuple) and len(output) == 3):
+        raise _ConventionError(f"returns {type(output).__name__} of length {len(output) if isinstance(output, tuple) else 1}")
+    return output
+
+
+class _ConventionError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MoE layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class MoELayer:
+    """One routed-expert layer of a model.
+
+    Attributes:
+        index: position among the model's MoE layers (0-based; dense layers are skipped).
+        layer_index: index of the decoder layer that holds it.
+        router_name / experts_name: module paths (as in ``model.named_modules()`` of the model passed in).
+        router / experts: the modules themselves (``experts`` is the module owning the fused parameters, under any
+            PEFT wrapper).
+        num_experts / top_k: routed experts and experts per token.
+        rule: the router's :class:`ScoringRule` (``rule.kind`` is the scoring rule, ``rule.first_output`` says whether
+            the router's first output is logits or probabilities).
+    """
+
+    index: int
+    layer_index: int
+    router_name: str
+    router: nn.Module
+    experts_name: str
+    experts: nn.Module
+    num_experts: int
+    top_k: int
+    rule: ScoringRule
+    hidden_size: int = field(default=0)
+
+    @property
+    def scoring(self) -> str:
+        return self.rule.kind
+
+    @property
+    def first_output(self) -> str:
+        return self.rule.first_output
+
+    @property
+    def is_transposed(self) -> bool:
+        """True for gpt-oss style ``[E, in, out]`` storage."""
+        return bool(getattr(self.experts, "is_transposed", False))
+
+    @property
+    def is_concatenated(self) -> bool:
+        """True when gate and up are concatenated ``[gate; up]``; False for gpt-oss interleaved ``[g0, u0, g1, ...]``."""
+        return bool(getattr(self.experts, "is_concatenated", True))
+
+    def expert_parameter_names(self) -> list[str]:
+        """Names of the fused expert parameters of this layer (``gate_up_proj``, ``down_proj`` and any biases)."""
+        return [name for name, p in self.experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == self.num_experts]
+
+    def expert_parameters(self, expert: int) -> dict[str, torch.Tensor]:
+        """Views of expert ``expert``'s slices of every fused parameter, in the stored layout."""
+        self._check_expert(expert)
+        return {name: getattr(self.experts, name)[expert] for name in self.expert_parameter_names()}
+
+    def expert_projections(self, expert: int) -> dict[str, torch.Tensor]:
+        """Expert ``expert``'s weights in the canonical ``[out, in]`` layout: ``gate``, ``up``, ``down`` (``gate`` absent
+        for ungated experts) plus ``*_bias`` where the family has biases. Handles transposed and interleaved layouts."""
+        self._check_expert(expert)
+        params = self.expert_parameters(expert)
+        out: dict[str, torch.Tensor] = {}
+        if "gate_up_proj" in params:
+            gate_up = params["gate_up_proj"]
+            gate_up = gate_up.t() if self.is_transposed else gate_up  # -> [2I, H]
+            gate, up = _split_gate_up(gate_up, self.is_concatenated, dim=0)
+            out["gate"], out["up"] = gate, up
+            if "gate_up_proj_bias" in params:
+                out["gate_bias"], out["up_bias"] = _split_gate_up(params["gate_up_proj_bias"], self.is_concatenated, dim=0)
+        elif "up_proj" in params:
+            out["up"] = params["up_proj"].t() if self.is_transposed else params["up_proj"]
+            if "up_proj_bias" in params:
+                out["up_bias"] = params["up_proj_bias"]
+        down = params["down_proj"]
+        out["down"] = down.t() if self.is_transposed else down
+        if "down_proj_bias" in params:
+            out["down_bias"] = params["down_proj_bias"]
+        return out
+
+    def router_probabilities(self, first_output: torch.Tensor) -> torch.Tensor:
+        """The router's probability over all experts from its first output (see :class:`ScoringRule`)."""
+        return self.rule.probabilities(first_output)
+
+    def _check_expert(self, expert: int) -> None:
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"expert {expert} out of range for MoE layer {self.index} with {self.num_experts} experts")
+
+    def __repr__(self) -> str:
+        return (
+            f"MoELayer(index={self.index}, layer_index={self.layer_index}, router={self.router_name!r}, "
+            f"experts={self.experts_name!r}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"scoring={self.rule.kind!r}, first_output={self.rule.first_output!r})"
+        )
+
+
+def _split_gate_up(t: torch.Tensor, concatenated: bool, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if concatenated:
+        return t.chunk(2, dim=dim)
+    return t[0::2], t[1::2]  # interleaved along the first dim: gate0, up0, gate1, up1, ...
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / accelerate / PEFT wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "_can_record_outputs"):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            base = model.get_base_model()
+            if base is model:
+                return model
+            model = base
+        else:
+            return model
+
+
+def _router_classes(model: nn.Module) -> tuple[type, ...]:
+    classes = []
+    for module in model.modules():
+        recorders = getattr(type(module), "_can_record_outputs", None) or {}
+        recorder = recorders.get("router_logits")
+        if recorder is not None and getattr(recorder, "target_class", None) is not None:
+            if recorder.target_class not in classes:
+                classes.append(recorder.target_class)
+    return tuple(classes)
+
+
+def _unsupported_error(model: nn.Module, why: str) -> ValueError:
+    return ValueError(
+        f"{type(model).__name__} {why}. rasa_trainer needs a transformers 5 Mixture-of-Experts causal LM whose routers "
+        f"return (logits or probabilities, top-k weights, top-k indices). Supported and tested families: "
+        f"{', '.join(SUPPORTED_FAMILIES)}; other families whose routers follow the same convention also work."
+    )
+
+
+def _experts_of(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """The child of an MoE block that owns fused 3-D expert parameters (looking through PEFT ``base_layer`` wrappers)."""
+    for name, child in block.named_children():
+        owner = child
+        while hasattr(owner, "base_layer") and isinstance(owner.base_layer, nn.Module):
+            owner = owner.base_layer
+        params = dict(owner.named_parameters(recurse=False))
+        fused = params.get("gate_up_proj", params.get("up_proj"))
+        if fused is not None and fused.dim() == 3 and "down_proj" in params:
+            return name, owner
+    return None
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of a transformers 5 causal LM, in order.
+
+    Works on the model itself and through PEFT, DDP and accelerate wrappers (module names are those of the model
+    passed in). Raises ``ValueError`` for dense models and for routers that do not follow the
+    ``(scores, top-k weights, top-k indices)`` convention.
+    """
+    base = unwrap_model(model)
+    router_classes = _router_classes(base)
+    if not router_classes:
+        raise _unsupported_error(base, "declares no router class for router-logit recording (a dense model?)")
+    hidden_size = _hidden_size(base)
+    modules = dict(model.named_modules())
+    layers: list[MoELayer] = []
+    rules: dict[type, ScoringRule] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, router_classes):
+            continue
+        block_name = name.rpartition(".")[0]
+        found = _experts_of(modules[block_name])
+        if found is None:
+            raise _unsupported_error(base, f"has a router at {name!r} with no fused experts module beside it")
+        experts_child, experts = found
+        rule = rules.get(type(module))
+        if rule is None:
+            rule = rules[type(module)] = _rule_for(base, module, hidden_size)
+        num_experts, top_k = _router_shape(module, experts)
+        match = _LAYER_INDEX.findall(f".{name}.")
+        layers.append(
+            MoELayer(
+                index=len(layers),
+                layer_index=int(match[-1]) if match else len(layers),
+                router_name=name,
+                router=module,
+                experts_name=f"{block_name}.{experts_child}",
+                experts=experts,
+                num_experts=num_experts,
+                top_k=top_k,
+                rule=rule,
+                hidden_size=hidden_size,
+            )
+        )
+    if not layers:
+        raise _unsupported_error(base, "has no router modules")
+    return layers
+
+
+def _rule_for(model: nn.Module, router: nn.Module, hidden_size: int) -> ScoringRule:
+    jitter = float(getattr(router, "router_jitter_noise", getattr(model.config, "router_jitter_noise", 0.0)) or 0.0)
+    try:
+        rule = _identify_rule(router, hidden_size, jitter)
+    except _ConventionError as err:
+        raise _unsupported_error(model, f"has a router ({type(router).__name__}) that {err}") from None
+    if rule.kind == "unsupported":
+        raise _unsupported_error(model, f"has a router ({type(router).__name__}) whose top-k weights follow no known scoring rule")
+    return rule
+
+
+def _router_shape(router: nn.Module, experts: nn.Module) -> tuple[int, int]:
+    weight = getattr(router, "weight", None)
+    num_experts = int(getattr(router, "num_experts", 0) or (weight.shape[0] if weight is not None else 0))
+    if not num_experts:
+        num_experts = int(experts.down_proj.shape[0])
+    top_k = int(getattr(router, "top_k", 0) or 0)
+    if not top_k:
+        top_k = int(_probe(router, weight.shape[-1])[2].shape[-1])
+    return num_experts, top_k
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.hidden_size)
+
+
+def num_routed_experts(layers: list[MoELayer]) -> int:
+    """Total routed experts over all MoE layers."""
+    return sum(layer.num_experts for layer in layers)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random MoE models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILY_KWARGS = {
+    "olmoe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        intermediate_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=8, num_experts_per_tok=2
+    ),
+    "qwen3_moe": dict(intermediate_size=32, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8),
+    "mixtral": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+    "deepseek_v3": dict(
+        intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        n_shared_experts=1, num_key_value_heads=4, num_hidden_layers=3,
+    ),
+    "gpt_oss": dict(
+        intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+        layer_types=["full_attention", "sliding_attention"], sliding_window=16,
+    ),
+    "granitemoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+    "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+}
+FAMILIES = list(FAMILY_KWARGS)
+
+
+def tiny_config(family: str, **overrides):
+    kwargs = {**COMMON, **FAMILY_KWARGS[family], **overrides}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A tiny random model with distinct routing: routers re-initialised with a larger std so top-k has no ties."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")) and param.dim() == 2:
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def batch(vocab: int = 128, batch_size: int = 3, seq: int = 7, padding: str = "right", seed: int = 0):
+    """Random input ids with ragged lengths, padded on the given side."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch_size, seq), generator=g)
+    lengths = [seq - (i % 3) for i in range(batch_size)]
+    mask = torch.zeros(batch_size, seq, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if padding == "right":
+            mask[i, :n] = 1
+        else:
+            mask[i, seq - n :] = 1
+    input_ids = input_ids.masked_fill(mask == 0, 0)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

@@ -78,3 +78,42 @@ def batch(vocab: int = 128, batch_size: int = 3, seq: int = 7, padding: str = "r
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chat tokenizer for generation tests (appended for generation/detection tests)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHAT_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def tiny_chat_tokenizer(vocab_size: int = 128):
+    """A word-level tokenizer with a Jinja chat template: ids 0/1/2 are pad/bos/eos (as in COMMON), then role markers,
+    then the words ``w0 w1 ...`` up to ``vocab_size`` entries, so every id a tiny model can emit decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab_size - len(CHAT_SPECIAL_TOKENS))]
+    vocab = {token: i for i, token in enumerate(CHAT_SPECIAL_TOKENS + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=CHAT_SPECIAL_TOKENS[4:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def word_text(rng, low: int = 2, high: int = 9, vocab: int = 100) -> str:
+    """Random text of ``low..high-1`` words from the tiny chat tokenizer's vocabulary."""
+    return " ".join(f"w{rng.randrange(vocab)}" for _ in range(rng.randrange(low, high)))
+
+
+@pytest.fixture
+def chat_tokenizer():
+    return tiny_chat_tokenizer()

@@ -122,19 +122,17 @@ class RoutingRecorder:
 
     def _hook(self, layer: MoELayer):
         def hook(module: nn.Module, args, output):
+            if _in_backward():
+                return None  # gradient-checkpointing recompute: this pass was already recorded
             first, weights, indices = output
-            recompute = _in_backward()  # gradient-checkpointing recompute: this pass was already recorded
             if self._detach:
-                if recompute:
-                    return None
                 with torch.no_grad():  # saving nothing for backward keeps non-reentrant checkpointing consistent
                     probs = layer.router_probabilities(first) if self._probabilities else None
                 weights = weights.detach()
             else:
-                # differentiable records: compute in the recompute too, so both passes save the same tensors
-                probs = layer.router_probabilities(first) if self._probabilities else None
-                if recompute:
-                    return None
+                # keep the raw scores and derive probabilities outside the (possibly checkpointed) layer, so the
+                # hook adds no operation that the recompute would not repeat
+                probs = first if self._probabilities else None
             if self._compact:
                 indices = indices.to(compact_index_dtype(layer.num_experts))
             if self._device is not None:
@@ -158,7 +156,9 @@ class RoutingRecorder:
 
     def _call(self, j: int) -> Routing:
         recs = [layer_records[j] for layer_records in self._records]
-        probs = [r[2] for r in recs] if self._probabilities else None
+        probs = None
+        if self._probabilities:
+            probs = [r[2] if self._detach else layer.router_probabilities(r[2]) for layer, r in zip(self.layers, recs)]
         return Routing([r[0] for r in recs], [r[1] for r in recs], probs)
 
     def routing(self) -> Routing:

@@ -243,7 +243,8 @@ def replay_routing(model: nn.Module, routing: Routing, weights: str = "cached") 
             receive gradients (as in rollout routing replay).
 
     Every forward call inside the block must route exactly ``routing.num_tokens`` positions; a mismatch raises
-    ``ValueError``. Under gradient checkpointing the recompute receives the same routing.
+    ``ValueError``. Under gradient checkpointing the recompute receives the same routing as long as ``backward`` runs
+    inside the block (the recompute happens during backward).
     """
     if weights not in REPLAY_WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}; expected one of {REPLAY_WEIGHT_MODES}")

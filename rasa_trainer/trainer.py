@@ -362,15 +362,21 @@ class RASATrainer(SFTTrainer):
         self._metrics["train"]["phase"].append(PHASE_CODES[self._phase])
         if self._phase == "router":
             return self._router_loss(model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch)
-        if self._phase == "expert":
-            routing = self._routing_cache.batch_routing(self._positions(rows), inputs["attention_mask"])
-            with replay_routing(model, routing, weights=self.args.replay_weights):
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        else:
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # the expert phase's routing replay is active around the whole training step (see training_step)
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         value = loss[0] if isinstance(loss, tuple) else loss
         self._metrics["train"]["completion_loss"].append(value.detach().item())
         return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._phase != "expert":
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Replay stays active through backward: gradient checkpointing recomputes the layers there, and the recompute
+        # must see the replayed routing too.
+        positions = self._positions(inputs["rasa_index"])
+        routing = self._routing_cache.batch_routing(positions, inputs["attention_mask"])
+        with replay_routing(model, routing, weights=self.args.replay_weights):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def _router_loss(self, model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch):
         """Mean over MoE layers of KL(anchor || adversarial) of token-mean router probabilities (padding excluded)."""

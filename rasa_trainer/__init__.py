@@ -2,18 +2,34 @@
 
 Public API (everything else is private):
 
+- training: :class:`RASATrainer` (a drop-in ``trl.SFTTrainer``), :class:`RASAConfig`
+- detection: :func:`detect_safety_critical_experts`, :class:`SafetyCriticalExperts`
 - discovery and routing: :func:`moe_layers`, :func:`record_routing`, :func:`replay_routing`
+- judges: :class:`RefusalKeywordJudge`, :class:`ClassifierJudge`, :class:`GuardModelJudge`
 """
 
 __version__ = "0.1.0"
 
+from .config import RASAConfig
+from .judges import ClassifierJudge, GuardModelJudge, Judge, JudgeError, RefusalKeywordJudge
 from .moe import MoELayer, moe_layers
-from .routing import Routing, record_routing, replay_routing
+from .routing import Routing, real_tokens, record_routing, replay_routing
+from .selection import SafetyCriticalExperts
+from .trainer import RASATrainer
 
 __all__ = [
+    "ClassifierJudge",
+    "GuardModelJudge",
+    "Judge",
+    "JudgeError",
     "MoELayer",
+    "RASAConfig",
+    "RASATrainer",
+    "RefusalKeywordJudge",
     "Routing",
+    "SafetyCriticalExperts",
     "moe_layers",
+    "real_tokens",
     "record_routing",
     "replay_routing",
 ]

@@ -21,16 +21,16 @@ def _selection_summary(selection) -> dict[str, Any] | None:
         return None
     data = selection.to_dict()
     by_layer: dict[int, dict[str, Any]] = {}
-    for e in data["selected"]:
+    for e in data["experts"]:
         row = by_layer.setdefault(e["moe_layer"], {"moe_layer": e["moe_layer"], "layer": e["layer"], "experts": []})
         row["experts"].append(e["expert"])
     model = data.get("model", {})
     num_routed = model.get("num_moe_layers", 0) * model.get("num_experts", 0) if isinstance(model, dict) else 0
-    policy = data.get("policy", {})
+    policy = data.get("selection", {}).get("policy", "?")
     return {
-        "num_selected": len(data["selected"]),
+        "num_selected": len(data["experts"]),
         "num_routed": num_routed or "?",
-        "policy": policy.get("name", policy) if isinstance(policy, dict) else policy,
+        "policy": policy,
         "judge": data.get("judge"),
         "rows": [by_layer[k] for k in sorted(by_layer)],
     }
@@ -60,10 +60,18 @@ def render_model_card(trainer, model_name: str, dataset_name: str | None = None,
         attacks=attacks,
         selection=_selection_summary(trainer.selection),
         schedule=args.rasa_schedule,
-        hyperparameters=[(k, getattr(args, k)) for k in _HYPERPARAMETERS],
+        hyperparameters=[(k, _plain(getattr(args, k))) for k in _HYPERPARAMETERS],
         evaluation=sorted((evaluation_results or {}).items()),
         citation=trainer._paper["citation"],
     )
+
+
+def _plain(value):
+    return getattr(value, "value", value)  # enums such as SchedulerType print as their value
+
+
+def _plain(value):
+    return getattr(value, "value", value)  # enums such as SchedulerType print as their value
 
 
 def _rows(pairs):

@@ -14,7 +14,6 @@ it gets no update, no weight decay and no moment drift).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -437,11 +436,13 @@ class RASATrainer(SFTTrainer):
                           os.path.join(folder, "rasa_state.json"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, "rasa_trainable.safetensors")
         if not os.path.isfile(path):
             raise ValueError(f"{resume_from_checkpoint} is not a RASATrainer checkpoint (no rasa_trainable.safetensors)")
         self._check_resumed_selection(resume_from_checkpoint)
+        # transformers loads the checkpoint non-strictly and cannot map the per-expert keys save_pretrained writes
+        # back onto fused expert tensors; the trainable parameters are restored exactly from our own file below
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = load_file(path)
         params = dict(unwrap_model(model or self.model).named_parameters())
         missing = sorted(set(params_of_groups(self, params)) - set(saved))
@@ -462,13 +463,12 @@ class RASATrainer(SFTTrainer):
             self._resumed["initial_routing"] = RoutingCache.load(initial)
 
     def _check_resumed_selection(self, folder: str) -> None:
+        from .selection import SafetyCriticalExperts
+
         path = os.path.join(folder, SELECTION_FILE)
         if self.selection is None or not os.path.isfile(path):
             return
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        saved_pairs = sorted((e["moe_layer"], e["expert"]) for e in saved["selected"])
-        if saved_pairs != sorted((l, e) for l, es in self.selection.by_moe_layer().items() for e in es):
+        if SafetyCriticalExperts.load(path).by_moe_layer() != self.selection.by_moe_layer():
             raise ValueError(
                 f"the checkpoint {folder} was trained with another selection of experts; resume with "
                 f"safety_critical_experts={path!r}"

@@ -69,7 +69,8 @@ class RASAConfig(SFTConfig):
     )
     sce_policy: str = field(
         default="global_topk",
-        metadata={"help": "Safety-Critical Expert selection policy when the trainer runs detection itself.",
+        metadata={"help": "Safety-Critical Expert selection policy when the trainer runs detection itself ('random', "
+                          "an ablation, draws experts with `seed`).",
                   "choices": list(SELECTION_POLICIES)},
     )
     sce_num_experts: float = field(
@@ -78,12 +79,15 @@ class RASAConfig(SFTConfig):
     )
     sce_threshold: float = field(default=0.0, metadata={"help": "Select only experts with risk difference above this."})
     sce_top_p: float = field(default=0.5, metadata={"help": "Cumulative score per layer for the 'per_layer_top_p' policy."})
-    sce_seed: int = field(default=0, metadata={"help": "Seed of the 'random' selection policy (ablation)."})
     detection_judge: str = field(
         default="keyword", metadata={"help": "Judge for detection: 'keyword' or a local classifier/guard checkpoint."}
     )
     detection_batch_size: int = field(default=8, metadata={"help": "Generation batch size of detection."})
     detection_max_new_tokens: int = field(default=64, metadata={"help": "New tokens generated per reply in detection."})
+    detection_do_sample: bool = field(
+        default=False, metadata={"help": "Sample replies in detection (seeded with `seed`) instead of greedy decoding."}
+    )
+    detection_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of detection."})
     num_train_epochs: float | None = field(
         default=None, metadata={"help": "Derived from rasa_rounds and rasa_schedule; leave unset."}
     )

@@ -242,8 +242,9 @@ class RASATrainer(SFTTrainer):
             unwrap_model(self.model), self._tokenizer, self._pairs,
             judge=judge_from_name(args.detection_judge), anchor_column=args.anchor_column,
             batch_size=args.detection_batch_size, max_new_tokens=args.detection_max_new_tokens, seed=args.seed,
+            do_sample=args.detection_do_sample, temperature=args.detection_temperature,
             policy=args.sce_policy, num_experts=args.sce_num_experts, threshold=args.sce_threshold,
-            top_p=args.sce_top_p, selection_seed=args.sce_seed,
+            top_p_experts=args.sce_top_p,
             output_dir=args.output_dir if self.is_world_process_zero() else None,
         )
 

@@ -395,7 +395,9 @@ class SafetyCriticalExperts:
         if model_type != self.model_type:
             problems.append(f"model_type is {model_type!r}, the experts were detected on {self.model_type!r}")
         if len(layers) != self.num_moe_layers:
-            problems.append(f"the model has {len(layers)} MoE layers, the experts were detected on {self.num_moe_layers}")
+            problems.append(
+                f"the model has {len(layers)} MoE layers, the experts were detected on {self.num_moe_layers}"
+            )
         elif [layer.layer_index for layer in layers] != list(self.moe_layer_indices):
             problems.append(f"MoE layers sit at decoder layers {[l.layer_index for l in layers]}, the experts were "
                             f"detected with {list(self.moe_layer_indices)}")

@@ -35,7 +35,8 @@ _STATE = (
     "batch_rd_sum",  # [L, E] float64, sum over batches of the per-batch RD
     "batch_rd_sq_sum",
     "batch_votes",  # [L, E] int64, batches whose per-batch top-K holds the expert
-    "totals",  # [5] int64: adversarial tokens, anchor tokens, adversarial tokens with probabilities, anchor ..., batches
+    # [5] int64: adversarial tokens, anchor tokens, the same two counting only routings with probabilities, batches
+    "totals",
 )
 
 
@@ -110,7 +111,9 @@ class ExpertStatistics:
     def _class_sums(self, routing: Routing, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Counts ``[L, E]`` (int64) and probability sums ``[L, E]`` (float64, or None) of one class in one batch."""
         if routing.num_layers != self.num_layers:
-            raise ValueError(f"{name} routing has {routing.num_layers} MoE layers; the statistics have {self.num_layers}")
+            raise ValueError(
+                f"{name} routing has {routing.num_layers} MoE layers; the statistics have {self.num_layers}"
+            )
         counts = layer_expert_counts(routing.indices, self.num_experts)
         probs = None
         if routing.probabilities is not None and routing.num_tokens:
@@ -220,7 +223,8 @@ def layer_expert_counts(indices: list[torch.Tensor], num_experts: int) -> torch.
 def _check_range(maximum: int, minimum: int, num_experts: int) -> None:
     if maximum >= num_experts or minimum < 0:
         raise ValueError(
-            f"routing indices span {minimum}..{maximum}, outside 0..{num_experts - 1}; were they recorded on this model?"
+            f"routing indices span {minimum}..{maximum}, outside 0..{num_experts - 1}; "
+            "were they recorded on this model?"
         )
 
 

@@ -253,9 +253,10 @@ def detect_safety_critical_experts(
         pairs=pair_dict,
         model_revision=model_revision,
     )
-    if output_dir is not None:
-        if rank == 0:
-            result.save(output_dir)
-        if world > 1:
-            torch.distributed.barrier()  # other ranks return only once the artifacts exist
+    if output_dir is not None and rank == 0:
+        result.save(output_dir)
+    if world > 1:
+        # unconditional, so ranks that were given no output_dir (e.g. by a trainer) cannot leave rank 0 waiting;
+        # other ranks return only once the artifacts exist
+        torch.distributed.barrier()
     return result

@@ -1,0 +1,56 @@
+"""Two-process CPU (gloo) runs: detection shards pairs and agrees on the selection; parameters stay identical."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _check_report(output_dir):
+    with open(os.path.join(output_dir, "ddp_report.json")) as f:
+        report = json.load(f)
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    assert report["wrapped"] == "DistributedDataParallel"
+    assert report["selections"][0] == report["selections"][1] and report["selections"][0]
+    assert [e["phase"] for e in report["epochs"]] == ["expert", "router"]
+    assert all(e["identical"] for e in report["epochs"])
+    # the router KL is computed per rank on each rank's own batch (documented): the ranks see different values
+    kl0, kl1 = report["router_kl"]
+    assert len(kl0) == len(kl1) > 0 and kl0 != kl1
+    return report
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(ROOT, "tests", "jobs", "ddp_rasa.py"), str(tmp_path)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _check_report(tmp_path)
+
+
+@pytest.mark.timeout(600)
+def test_accelerate_launch_multi_gpu_on_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), os.path.join(ROOT, "tests", "jobs", "ddp_rasa.py"), str(tmp_path)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _check_report(tmp_path)

@@ -11,6 +11,7 @@ Public API (everything else is private):
 __version__ = "0.1.0"
 
 from .config import RASAConfig
+from .detection import detect_safety_critical_experts
 from .judges import ClassifierJudge, GuardModelJudge, Judge, JudgeError, RefusalKeywordJudge
 from .moe import MoELayer, moe_layers
 from .routing import Routing, real_tokens, record_routing, replay_routing
@@ -28,6 +29,7 @@ __all__ = [
     "RefusalKeywordJudge",
     "Routing",
     "SafetyCriticalExperts",
+    "detect_safety_critical_experts",
     "moe_layers",
     "real_tokens",
     "record_routing",

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
 from rasa_trainer import RASAConfig, RASATrainer, SafetyCriticalExperts, detect_safety_critical_experts, evaluate_safety
+from rasa_trainer.evaluation import format_comparison
 from rasa_trainer.judges import judge_from_name
 from rasa_trainer.reporting import plot_asr, plot_phase_losses
 from rasa_trainer.utils import atomic_write_json
@@ -162,8 +163,8 @@ def main() -> None:
         logger.info("evaluating the aligned model")
         after = evaluate(model, tokenizer, eval_sets, judge, refusal_judge, utility_check, script_args, base_model)
         results["after"] = after.to_dict()
-        trainer.evaluation_results = after.summary()
-        print(before.compare(after) if before else after.format_table())
+        trainer.evaluation_results = {k: v for k, v in after.metrics().items() if v is not None}
+        print(format_comparison({"base": before, "RASA": after}))
     state.wait_for_everyone()
 
     trainer.save_model(os.path.join(output_dir, "model"))
@@ -173,8 +174,8 @@ def main() -> None:
         atomic_write_json(results, os.path.join(output_dir, "results.json"))
         plot_phase_losses(trainer.state.log_history, os.path.join(output_dir, "phase_losses.png"))
         if results["after"] is not None:
-            plot_asr(before.asr_by_family(), after.asr_by_family(), os.path.join(output_dir, "asr_per_family.png"),
-                     held_out=after.held_out_families())
+            plot_asr(results["before"]["asr_by_attack"], results["after"]["asr_by_attack"],
+                     os.path.join(output_dir, "asr_per_family.png"), held_out=results["after"]["held_out_attacks"])
         logger.info("results in %s", output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name or "safety_world")

@@ -4,6 +4,7 @@ Public API (everything else is private):
 
 - training: :class:`RASATrainer` (a drop-in ``trl.SFTTrainer``), :class:`RASAConfig`
 - detection: :func:`detect_safety_critical_experts`, :class:`SafetyCriticalExperts`
+- evaluation: :func:`evaluate_safety` (returns a :class:`SafetyReport`)
 - discovery and routing: :func:`moe_layers`, :func:`record_routing`, :func:`replay_routing`
 - judges: :class:`RefusalKeywordJudge`, :class:`ClassifierJudge`, :class:`GuardModelJudge`
 """
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 from .config import RASAConfig
 from .detection import detect_safety_critical_experts
+from .evaluation import SafetyReport, evaluate_safety
 from .judges import ClassifierJudge, GuardModelJudge, Judge, JudgeError, RefusalKeywordJudge
 from .moe import MoELayer, moe_layers
 from .routing import Routing, real_tokens, record_routing, replay_routing
@@ -29,6 +31,8 @@ __all__ = [
     "RefusalKeywordJudge",
     "Routing",
     "SafetyCriticalExperts",
+    "SafetyReport",
+    "evaluate_safety",
     "detect_safety_critical_experts",
     "moe_layers",
     "real_tokens",

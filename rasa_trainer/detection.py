@@ -126,15 +126,16 @@ def collect_expert_statistics(
 ) -> tuple[ExpertStatistics, PairCounts]:
     """Generate, judge, filter and count: the (all-reduced) statistics and pair counts of a dataset.
 
-    ``selection`` sets the per-batch top-K the statistics vote with (for the ``batch_union`` policy) and is checked
-    against the model before any generation.
+    ``selection`` is checked against the model before any generation; for the ``batch_union`` policy it also sets the
+    per-batch top-K the statistics vote with.
     """
     validate_pairs(dataset, anchor_column=anchor_column)  # fail loudly on malformed pairs before any model work
     judge = judge if judge is not None else RefusalKeywordJudge()
     num_layers, num_experts, _ = moe_shape(moe_layers(model))
     selection.check(num_layers, num_experts)
-    stats = ExpertStatistics(num_layers, num_experts, vote_k=selection.resolve_k(num_layers * num_experts),
-                             vote_threshold=selection.threshold)
+    # per-batch votes cost a top-k per batch: only collected for the policy that needs them
+    vote_k = selection.resolve_k(num_layers * num_experts) if selection.policy == "batch_union" else None
+    stats = ExpertStatistics(num_layers, num_experts, vote_k=vote_k, vote_threshold=selection.threshold)
     pairs = PairCounts()
     rank, world = distributed_world()
     rows = list(range(rank, len(dataset), world))  # this rank's shard; rows keep their dataset index

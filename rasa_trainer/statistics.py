@@ -206,26 +206,37 @@ def layer_expert_counts(indices: list[torch.Tensor], num_experts: int) -> torch.
         return torch.zeros(num_layers, num_experts, dtype=torch.int64)
     if indices[0].device.type != "cpu":
         stacked = torch.stack(indices).long()  # [L, N, k]
-        _check_range(int(stacked.max()), int(stacked.min()), num_experts)
-        offsets = torch.arange(num_layers, device=stacked.device).view(-1, 1, 1) * num_experts
-        flat = (stacked + offsets).view(-1)
-        counts = torch.bincount(flat, minlength=size)
-        return counts.view(num_layers, num_experts).cpu()
+        if bool((stacked < 0).any()):
+            _raise_out_of_range(num_experts)
+        stacked += torch.arange(num_layers, device=stacked.device).view(-1, 1, 1) * num_experts
+        counts = torch.bincount(stacked.view(-1), minlength=size)
+        return _checked(counts, num_layers, num_experts, stacked[0].numel()).cpu()
     dtype = np.int16 if size <= np.iinfo(np.int16).max else np.int32  # small keys: less memory traffic
-    stacked = np.stack([t.numpy() for t in indices])  # [L, N, k], a fresh array
-    _check_range(int(stacked.max()), int(stacked.min()), num_experts)  # an offset index would land in another layer
-    stacked = stacked.astype(dtype, copy=False)
+    stacked = np.stack([t.numpy() for t in indices]).astype(dtype, copy=False)  # [L, N, k], a fresh array
     stacked += (np.arange(num_layers, dtype=dtype) * num_experts)[:, None, None]
-    counts = np.bincount(stacked.reshape(-1), minlength=size)
-    return torch.from_numpy(counts.astype(np.int64, copy=False)).view(num_layers, num_experts)
+    try:
+        counts = np.bincount(stacked.reshape(-1), minlength=size)
+    except ValueError:  # a negative key
+        _raise_out_of_range(num_experts)
+    return _checked(torch.from_numpy(counts), num_layers, num_experts, stacked[0].size)
 
 
-def _check_range(maximum: int, minimum: int, num_experts: int) -> None:
-    if maximum >= num_experts or minimum < 0:
-        raise ValueError(
-            f"routing indices span {minimum}..{maximum}, outside 0..{num_experts - 1}; "
-            "were they recorded on this model?"
-        )
+def _checked(counts: torch.Tensor, num_layers: int, num_experts: int, per_layer: int) -> torch.Tensor:
+    """``counts`` as ``[L, E]`` int64 after checking that no index fell outside ``0..E-1``.
+
+    An index out of range lands in a neighbouring layer's bins (or past the end), so some layer then holds a total
+    other than ``N * k``: this O(L * E) check replaces two extra passes over the indices.
+    """
+    if counts.numel() != num_layers * num_experts:
+        _raise_out_of_range(num_experts)
+    counts = counts.view(num_layers, num_experts).to(torch.int64)
+    if bool((counts.sum(dim=1) != per_layer).any()):
+        _raise_out_of_range(num_experts)
+    return counts
+
+
+def _raise_out_of_range(num_experts: int) -> None:
+    raise ValueError(f"routing indices fall outside 0..{num_experts - 1}; were they recorded on this model?")
 
 
 def _probability_sums(probabilities: list[torch.Tensor], num_experts: int) -> torch.Tensor:
@@ -243,14 +254,23 @@ def _ratio(counts: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def top_ranked(scores: torch.Tensor, k: int, threshold: float | None = None) -> torch.Tensor:
-    """Flat positions of the ``k`` highest ``scores`` strictly above ``threshold`` (fewer when fewer qualify).
+    """Flat positions (in increasing order) of the ``k`` highest ``scores`` strictly above ``threshold``; fewer when
+    fewer qualify.
 
-    Ties are broken by position (the lower flat index, i.e. the earlier layer, first), so selections are deterministic.
+    Ties at the k-th value go to the lower position (the earlier layer), so selections are deterministic. Uses
+    ``topk`` for the k-th value rather than a full sort (this runs once per batch for the per-batch votes).
     """
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    scores = scores.reshape(-1)
+    if k >= scores.numel():
+        chosen = torch.arange(scores.numel())
+    else:
+        kth = torch.topk(scores, k).values[-1]
+        above = (scores > kth).nonzero().view(-1)
+        ties = (scores == kth).nonzero().view(-1)[: k - above.numel()]
+        chosen = torch.cat([above, ties]).sort().values
     if threshold is not None:
-        order = order[scores[order] > threshold]
-    return order
+        chosen = chosen[scores[chosen] > threshold]
+    return chosen
 
 
 # -------------------------------------------------------------------------------------------------------- distributed

@@ -23,7 +23,7 @@ from rasa_trainer.selection import (
     SelectionConfig,
     select_experts,
 )
-from rasa_trainer.statistics import ExpertStatistics, layer_expert_counts
+from rasa_trainer.statistics import ExpertStatistics, layer_expert_counts, top_ranked
 
 MAX_NEW = 6
 
@@ -166,8 +166,22 @@ def test_layer_expert_counts_match_a_loop():
                 expected[l, e] += 1
     assert torch.equal(layer_expert_counts(indices, E), expected)
     assert torch.equal(layer_expert_counts([i.to(torch.int16) for i in indices], E), expected)
+    for shift in (1, -1):  # one index out of range in the middle layer, above or below
+        bad = [i.clone() for i in indices]
+        bad[1][3, 0] = E if shift > 0 else -1
+        for dtype in (torch.int64, torch.int16):
+            with pytest.raises(ValueError, match="outside"):
+                layer_expert_counts([b.to(dtype) for b in bad], E)
     with pytest.raises(ValueError, match="outside"):
-        layer_expert_counts([i + 1 for i in indices], E)
+        layer_expert_counts([indices[0] - 1] + indices[1:], E)
+
+
+def test_top_ranked_breaks_ties_by_position():
+    scores = torch.tensor([0.5, 1.0, 0.5, 0.5, 0.2, 0.5])
+    assert top_ranked(scores, 2).tolist() == [0, 1]
+    assert top_ranked(scores, 4).tolist() == [0, 1, 2, 3]
+    assert top_ranked(scores, 3, threshold=0.6).tolist() == [1]
+    assert top_ranked(scores, 10, threshold=0.3).tolist() == [0, 1, 2, 3, 5]
 
 
 def routing_of(rows_per_layer):

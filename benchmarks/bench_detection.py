@@ -1,0 +1,194 @@
+"""Benchmarks of Safety-Critical Expert detection (prints measured numbers and ratios; not a test).
+
+1. Statistics: 1M generated tokens (half jailbreak, half anchor) x 48 MoE layers x 128 experts, top-8, fed to
+   :class:`ExpertStatistics` batch by batch, on 2 CPU threads (target < 2 s), against a straightforward per-token
+   Python loop measured on a 10k-token slice and extrapolated.
+2. Generation with routing capture on the OLMoE benchmark config (4 layers, 64 experts, top-8, hidden 256, random
+   weights, 32 prompts of ~32 tokens, 32 new tokens with min_new_tokens so every reply has the same length):
+   batch 8 vs one-at-a-time throughput (target >= 4x) and capture vs plain generation (target <= 10% overhead).
+
+    python benchmarks/bench_detection.py [--quick]
+
+Timings on a shared machine are noisy: every configuration runs several times, interleaved, and the median is
+reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics as pystats
+import time
+
+import torch
+
+from rasa_trainer.generation import generate_replies
+from rasa_trainer.routing import Routing
+from rasa_trainer.statistics import ExpertStatistics
+
+THREADS = 2
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+def random_routing(tokens: int, layers: int, experts: int, top_k: int, seed: int, probabilities: bool = False) -> Routing:
+    """Top-k sets of random router scores, stored as the recorder stores them (int16 indices)."""
+    g = torch.Generator().manual_seed(seed)
+    indices, weights, probs = [], [], []
+    for _ in range(layers):
+        scores = torch.rand(tokens, experts, generator=g)
+        top = scores.topk(top_k, dim=-1)
+        indices.append(top.indices.to(torch.int16))
+        weights.append(top.values)
+        if probabilities:
+            probs.append(scores.softmax(-1))
+    return Routing(indices, weights, probs if probabilities else None)
+
+
+def time_statistics(total_tokens: int, tokens_per_update: int, layers: int, experts: int, top_k: int,
+                    probabilities: bool = False, pool: int = 4) -> tuple[float, ExpertStatistics]:
+    """Seconds to feed ``total_tokens`` (half per class) through ExpertStatistics.update in updates of
+    ``tokens_per_update`` tokens per class. A pool of distinct routings is cycled (data generation is not timed)."""
+    batches = [(random_routing(tokens_per_update, layers, experts, top_k, 2 * i, probabilities),
+                random_routing(tokens_per_update, layers, experts, top_k, 2 * i + 1, probabilities))
+               for i in range(pool)]
+    updates = total_tokens // (2 * tokens_per_update)
+    stats = ExpertStatistics(layers, experts, vote_k=round(0.125 * layers * experts))
+    start = time.perf_counter()
+    for u in range(updates):
+        stats.update(*batches[u % pool])
+    stats.risk_difference()
+    return time.perf_counter() - start, stats
+
+
+def python_loop_statistics(adversarial: Routing, anchor: Routing, layers: int, experts: int) -> list[list[list[int]]]:
+    """The straightforward way: for every token, for every layer, add one to each of its top-k experts."""
+    counts = [[[0] * experts for _ in range(layers)] for _ in range(2)]
+    for c, routing in enumerate((adversarial, anchor)):
+        for t in range(routing.num_tokens):
+            for l in range(layers):
+                for e in routing.indices[l][t].tolist():
+                    counts[c][l][e] += 1
+    return counts
+
+
+def bench_statistics(quick: bool) -> None:
+    L, E, K = 48, 128, 8
+    total = 100_000 if quick else 1_000_000
+    print(f"== statistics: {total:,} generated tokens x {L} layers x {E} experts, top-{K}, "
+          f"{torch.get_num_threads()} threads ==")
+    for per_update in (4096, 512):
+        runs = [time_statistics(total, per_update, L, E, K)[0] for _ in range(3)]
+        print(f"  ExpertStatistics.update, {per_update:>5} tokens per class per update: "
+              f"median {pystats.median(runs):.3f} s (runs {', '.join(f'{r:.3f}' for r in runs)})  target < 2 s")
+    vectorised = pystats.median(time_statistics(total, 4096, L, E, K)[0] for _ in range(3))
+
+    slice_tokens = 10_000
+    adversarial = random_routing(slice_tokens // 2, L, E, K, 100)
+    anchor = random_routing(slice_tokens // 2, L, E, K, 101)
+    start = time.perf_counter()
+    loop_counts = python_loop_statistics(adversarial, anchor, L, E)
+    loop_slice = time.perf_counter() - start
+    check = ExpertStatistics(L, E)
+    check.update(adversarial, anchor)
+    assert check.adversarial_counts.tolist() == loop_counts[0] and check.anchor_counts.tolist() == loop_counts[1]
+    loop_total = loop_slice * total / slice_tokens
+    print(f"  per-token Python loop: {loop_slice:.2f} s on {slice_tokens:,} tokens -> {loop_total:.0f} s extrapolated "
+          f"to {total:,}; vectorised is {loop_total / vectorised:,.0f}x faster (same counts checked)")
+
+    prob_tokens = 16_384 if quick else 65_536
+    with_probs = pystats.median(time_statistics(prob_tokens, 2048, L, E, K, probabilities=True, pool=2)[0]
+                                for _ in range(3))
+    print(f"  with router probabilities [N, L, E] fp32 too: {with_probs:.3f} s for {prob_tokens:,} tokens -> "
+          f"{with_probs * total / prob_tokens:.1f} s per {total:,} (reads {4 * L * E / 1e3:.0f} kB per token)")
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer with a chat template (pad/bos/eos = 0/1/2), as in the tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", additional_special_tokens=specials[4:])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return tokenizer
+
+
+def olmoe_benchmark_model(vocab_size: int = 1000):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "olmoe", vocab_size=vocab_size, hidden_size=256, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+        max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def bench_generation(quick: bool) -> None:
+    import random
+
+    vocab, prompts, new_tokens = 1000, 32, 32
+    model, tokenizer = olmoe_benchmark_model(vocab), word_tokenizer(vocab)
+    rng = random.Random(0)
+    # ~32 tokens per rendered prompt: 26..30 words plus the template's markers
+    chats = [[{"role": "user", "content": " ".join(f"w{rng.randrange(vocab - 7)}" for _ in range(rng.randrange(26, 31)))}]
+             for _ in range(prompts)]
+    print(f"== generation: OLMoE config (4 layers, 64 experts, top-8, hidden 256), {prompts} prompts, "
+          f"{new_tokens} new tokens each, {torch.get_num_threads()} threads ==")
+
+    def run(batch_size: int, with_routing: bool) -> float:
+        start = time.perf_counter()
+        out = list(generate_replies(model, tokenizer, chats, batch_size=batch_size, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, with_routing=with_routing, progress=False))
+        elapsed = time.perf_counter() - start
+        assert all(len(ids) == new_tokens for b in out for ids in b.reply_token_ids)
+        return elapsed
+
+    run(8, True)  # warm-up
+    repeats = 2 if quick else 5
+    times: dict[str, list[float]] = {"batch 8, capture": [], "batch 8, plain": [], "batch 1, capture": []}
+    for _ in range(repeats):  # interleaved, so load changes hit every configuration alike
+        times["batch 8, capture"].append(run(8, True))
+        times["batch 8, plain"].append(run(8, False))
+        if len(times["batch 1, capture"]) < max(2, repeats // 2):
+            times["batch 1, capture"].append(run(1, True))
+    generated = prompts * new_tokens
+    median = {name: pystats.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"  {name:<17} median {median[name]:.3f} s = {generated / median[name]:7.0f} tokens/s "
+              f"(runs {', '.join(f'{x:.3f}' for x in t)})")
+    print(f"  batched vs one-at-a-time (both with capture): {median['batch 1, capture'] / median['batch 8, capture']:.1f}x"
+          f"  target >= 4x")
+    overhead = median["batch 8, capture"] / median["batch 8, plain"] - 1
+    paired = pystats.median(c / p - 1 for c, p in zip(times["batch 8, capture"], times["batch 8, plain"]))
+    print(f"  capture overhead vs plain generation: {100 * overhead:+.1f}% (median of paired runs "
+          f"{100 * paired:+.1f}%)  target <= 10%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--part", choices=["all", "statistics", "generation"], default="all")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.part in ("all", "statistics"):
+        bench_statistics(args.quick)
+    if args.part in ("all", "generation"):
+        bench_generation(args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,9 @@ long as its router follows one of the rules in :data:`SCORING_RULES`.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -158,13 +160,21 @@ def _probe(router: nn.Module, hidden_size: int) -> tuple[torch.Tensor, torch.Ten
 
     A copy keeps the model untouched; random weights avoid the ties a zero-initialised router would produce.
     """
-    probe = copy.deepcopy(router).float().eval()
+    probe = copy.deepcopy(router)
+    if any(t.is_meta for t in itertools.chain(probe.parameters(), probe.buffers())):
+        # a model instantiated on the meta device (e.g. for memory planning): probe a CPU copy of the same class and
+        # shapes; buffers (such as a selection bias) start at zero, parameters are filled below
+        probe = probe.to_empty(device="cpu")
+        for buffer in probe.buffers():
+            buffer.zero_()
+    probe = probe.float().eval()
     for hooks in (probe._forward_hooks, probe._forward_pre_hooks):
         hooks.clear()  # a copy made while record/replay hooks are active must not replay or record
     generator = torch.Generator().manual_seed(0)
     for param in probe.parameters():
         param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    device = next(probe.parameters()).device
+    first_param = next(probe.parameters(), None)
+    device = first_param.device if first_param is not None else torch.device("cpu")
     hidden = torch.randn(64, hidden_size, generator=generator).to(device)
     output = probe(hidden)
     if not (isinstance(output, tuple) and len(output) == 3):
@@ -375,14 +385,45 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
+# Identified scoring rules, per router class, then per everything else the probe's outcome depends on (see
+# _rule_key). Probing costs a deep copy and a router forward; with this cache, moe_layers (called by every
+# record_routing / replay_routing block) costs only a walk over the modules after the first call.
+_RULE_CACHE: "weakref.WeakKeyDictionary[type, dict[tuple, ScoringRule]]" = weakref.WeakKeyDictionary()
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _rule_key(router: nn.Module, hidden_size: int, jitter: float) -> tuple:
+    """What the identified rule depends on besides the class: the class's forward (so a patched forward is probed
+    again), the router's scalar hyperparameters (top_k, norm_topk_prob, routed_scaling_factor, ...), the shapes of
+    its parameters and buffers, the hidden size and the jitter."""
+    attrs = tuple(
+        sorted((k, v) for k, v in vars(router).items() if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS))
+    )
+    shapes = tuple(
+        (n, tuple(t.shape)) for n, t in itertools.chain(router.named_parameters(), router.named_buffers())
+    )
+    return (type(router).forward, attrs, shapes, hidden_size, jitter)
+
+
+def clear_rule_cache() -> None:
+    """Forget every identified scoring rule (the next :func:`moe_layers` probes the routers again)."""
+    _RULE_CACHE.clear()
+
+
 def _rule_for(model: nn.Module, router: nn.Module, hidden_size: int) -> ScoringRule:
     jitter = float(getattr(router, "router_jitter_noise", getattr(model.config, "router_jitter_noise", 0.0)) or 0.0)
+    key = _rule_key(router, hidden_size, jitter)
+    per_class = _RULE_CACHE.setdefault(type(router), {})
+    cached = per_class.get(key)
+    if cached is not None:
+        return cached
     try:
         rule = _identify_rule(router, hidden_size, jitter)
     except _ConventionError as err:
         raise _unsupported_error(model, f"has a router ({type(router).__name__}) that {err}") from None
     if rule.kind == "unsupported":
         raise _unsupported_error(model, f"has a router ({type(router).__name__}) whose top-k weights follow no known scoring rule")
+    per_class[key] = rule
     return rule
 
 

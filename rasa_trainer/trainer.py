@@ -14,6 +14,7 @@ it gets no update, no weight decay and no moment drift).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -157,11 +158,12 @@ class RASATrainer(SFTTrainer):
         self._resumed: dict[str, Any] = {}
         self._groups: dict[str, list[nn.Parameter]] = {}
         self.selection = None
-        super().__init__(
-            model, args=args, data_collator=data_collator, train_dataset=_training_rows(train_dataset, args),
-            eval_dataset=_training_rows(eval_dataset, args) if eval_dataset is not None else None,
-            processing_class=processing_class, peft_config=peft_config, **kwargs,
-        )
+        with _repairs_count_as_adapters(model, args):
+            super().__init__(
+                model, args=args, data_collator=data_collator, train_dataset=_training_rows(train_dataset, args),
+                eval_dataset=_training_rows(eval_dataset, args) if eval_dataset is not None else None,
+                processing_class=processing_class, peft_config=peft_config, **kwargs,
+            )
         self.data_collator = _PairCollator(self.data_collator, self._tokenizer.pad_token_id)
         if args.rasa_schedule != "full":
             self._disable_aux_loss()
@@ -525,6 +527,28 @@ class RASATrainer(SFTTrainer):
         atomic_write_text(text, os.path.join(output_dir, "README.md"))
 
 
+@contextlib.contextmanager
+def _repairs_count_as_adapters(model, args: RASAConfig):
+    """Let a quantized base model (bitsandbytes) through the Trainer's "no training of purely quantized models" check:
+    RASA trains its own adapters (expert repairs, fp32 routers), which it attaches right after construction."""
+    quantized = not isinstance(model, str) and getattr(model, "is_quantized", False)
+    if not quantized or args.rasa_schedule == "full":
+        yield
+        return
+    had = "_hf_peft_config_loaded" in vars(model)
+    previous = getattr(model, "_hf_peft_config_loaded", False)
+    model._hf_peft_config_loaded = True
+    for param in model.parameters():
+        param.requires_grad_(False)  # else SFTTrainer casts every trainable weight of a quantized model to bf16
+    try:
+        yield
+    finally:
+        if had:
+            model._hf_peft_config_loaded = previous
+        else:
+            del model._hf_peft_config_loaded
+
+
 def params_of_groups(trainer: RASATrainer, named: dict[str, nn.Parameter]) -> list[str]:
     ids = {id(p) for params in trainer._groups.values() for p in params}
     return [n for n, p in named.items() if id(p) in ids]
@@ -546,6 +570,12 @@ def _fp32_routers(model: nn.Module) -> list[nn.Parameter]:
     params = []
     for layer in moe_layers(model):
         router = layer.router
+        if any(not p.is_floating_point() or type(p).__name__ in ("Params4bit", "Int8Params") for p in router.parameters()):
+            raise ValueError(
+                f"the router {layer.router_name} is quantized ({type(router).__name__}); RASA trains routers, so keep "
+                f"them in full precision, e.g. BitsAndBytesConfig(llm_int8_skip_modules=[\"{layer.router_name.rsplit('.', 1)[-1]}\", "
+                f"\"lm_head\"])"
+            )
         if any(p.dtype != torch.float32 for p in router.parameters()):
             router.float()
             router.register_forward_pre_hook(_cast_input_fp32)

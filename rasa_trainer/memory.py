@@ -1,0 +1,556 @@
+"""Memory plan for a RASA run: how many bytes each phase needs, from a config alone (no weights, no downloads).
+
+:func:`estimate_memory` instantiates the model on the meta device (``with torch.device("meta"):
+AutoModelForCausalLM.from_config(config)``), so parameter counts are those of the real model, and finds the MoE layers
+with :func:`rasa_trainer.moe.moe_layers`. Everything else follows from how :class:`rasa_trainer.RASATrainer` trains:
+
+- **weights**: every parameter and buffer in ``dtype``; routers become fp32 master weights when the schedule has a
+  router phase; the repairs of the selected experts are fp32 (full-rank deltas, or LoRA factors).
+- **trainable parameters**: expert phase = the selected experts' slices of every fused expert parameter (``delta``:
+  ``S * P_e``, biases included) or their LoRA factors (``lora``: ``S * r * (d_out + d_in)`` per 3-D expert matrix,
+  biases not tuned); router phase = every router parameter.
+- **gradients**: fp32, of the active group only (the Trainer sets inactive gradients to None).
+- **optimiser state**: AdamW = two fp32 moments per parameter plus a 4-byte step per tensor; 8-bit AdamW
+  (bitsandbytes, block-wise) = two 1-byte moments plus an fp32 scale per 256-value block. With ``schedule=
+  "alternate"`` the state of both groups is held from the second phase on (AdamW creates state lazily and keeps it).
+- **routing-replay cache**: ``L * k * (index bytes + weight bytes)`` per token (int16 indices up to 32767 experts,
+  top-k weights in the dtype the router returns them, i.e. ``dtype``); RASATrainer keeps two dataset-wide caches in
+  the schedules with an expert phase (the routing at the start of training, for the routing-shift metric, and the
+  routing of the current expert phase), one in ``router_only``. They live on ``replay_cache_device`` (the CPU by
+  default), so they are reported apart and only counted in the device totals when that device is not the CPU.
+  ``replay_weights="recompute"`` stores the same cache (the weights are kept for resuming), so it does not change it.
+- **activations**: the tensors autograd saves for backward, from the approximate per-token formulas below, plus a
+  transient term for the peak inside backward.
+
+Activation formulas (bytes per token of the micro-batch, ``T = batch_size * seq_len``; ``b`` = bytes of ``dtype``;
+``H`` hidden size; ``Q`` = heads x head_dim; ``KV`` = key-value heads x head_dim; ``k`` top-k; ``I`` expert
+intermediate size; ``E`` experts; ``n`` = sequence length (the attention mask); ``S`` selected experts, ``E_tot``
+all routed experts, ``P_e`` parameters of one expert). They were read off the tensors autograd saves in the
+transformers 5 implementations (SDPA attention, the fused ``grouped_mm`` experts kernel, RMSNorm) and checked against
+measured training runs (``benchmarks/bench_memory.py``):
+
+- full fine-tuning (every weight trainable), per decoder layer:
+  ``b*(8H + 4Q + 2KV + k*(2H + 4I)) + 8E + 4n + 40k`` (dense MLP layers: ``b*(8H + 4Q + 2KV + H + 4I_d)``);
+- a layer whose weights are frozen but whose input needs a gradient (expert and router phases):
+  ``b*(3H + 4Q + KV + 3kI) + 4E + 4n + 24k`` (dense: ``b*(3H + 4Q + KV + 3I_d)``); the first decoder layer saves
+  almost nothing (its input needs no gradient);
+- expert phase extra: the selected experts' own path ``b * k * (S / E_tot) * (2H + 4I)`` per token over all layers,
+  and their effective weights ``S * P_e * b`` once per step;
+- router phase extra, every MoE layer: ``b*k*H`` (expert outputs, multiplied by differentiable weights) ``+ 4H``
+  (the fp32 router input) ``+ 8E`` (fp32 scores and probabilities);
+- LM head (expert phase and full fine-tuning, TRL's chunked log-probabilities): ``b*H`` saved per token, and a
+  transient ``2 * 4 * V`` per token (fp32 logits and their gradient of one chunk of at most 32768 tokens);
+  the router phase keeps one position's logits only.
+- gradient checkpointing (one checkpoint per decoder layer): ``b*H`` per layer per token, plus one layer's
+  activations (recomputed in backward) and the LM head.
+- the peak inside backward adds one layer's activations (the gradients flowing through it).
+Padding is counted (a padded batch is ``batch_size * seq_len`` tokens). ``num_processes`` counts data-parallel
+replicas (DDP): per-process memory is unchanged, and the "all processes" total is multiplied.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .moe import moe_layers, unwrap_model
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+OPTIMIZERS = ("adamw", "adamw_8bit")
+EXPERT_TUNINGS = ("delta", "lora")
+SCHEDULES = ("alternate", "expert_only", "router_only")
+LM_HEAD_CHUNK = 32768  # TRL's chunk of positions per LM-head tile
+
+
+@dataclass
+class PhaseMemory:
+    """Bytes one training phase needs on one device (per process)."""
+
+    phase: str
+    weights: int
+    trainable_parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    transient: int
+    replay_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations + self.transient + self.replay_cache
+
+
+@dataclass
+class MemoryEstimate:
+    """What :func:`estimate_memory` predicts. All sizes in bytes; ``phases`` maps ``expert`` / ``router`` (those the
+    schedule runs) and ``full_sft`` (plain full fine-tuning of the same model, for reference) to a
+    :class:`PhaseMemory`."""
+
+    model_type: str
+    num_parameters: int
+    weight_bytes: int
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    num_routed_experts: int
+    selected_experts: int
+    parameters_per_expert: int
+    trainable_parameters_expert: int
+    trainable_parameters_router: int
+    replay_cache_bytes_per_token: int
+    replay_cache_copies: int
+    replay_cache_bytes: int | None
+    phases: dict[str, PhaseMemory]
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for name, phase in self.phases.items():
+            out["phases"][name]["total"] = phase.total
+        return out
+
+    def format(self) -> str:
+        """A human-readable table."""
+        s = self.settings
+        lines = [
+            f"RASA memory plan: {self.model_type}, {self.num_parameters / 1e9:.3f} B parameters "
+            f"({_human(self.weight_bytes)} in {s['dtype']}), {self.num_moe_layers} MoE layers x {self.num_experts} "
+            f"experts, top-{self.top_k}",
+            f"selected experts: {self.selected_experts} of {self.num_routed_experts} "
+            f"({100 * self.selected_experts / self.num_routed_experts:.1f}%), {self.parameters_per_expert:,} parameters "
+            f"each; expert tuning {s['expert_tuning']}" + (f" (rank {s['lora_rank']})" if s["expert_tuning"] == "lora" else ""),
+            f"settings: schedule {s['schedule']}, optimizer {s['optimizer']}, batch {s['batch_size']} x {s['seq_len']} "
+            f"tokens per device, gradient checkpointing {s['gradient_checkpointing']}, {s['num_processes']} process(es), "
+            f"replay weights {s['replay_weights']}, cache on {s['replay_cache_device']}",
+            "",
+        ]
+        names = list(self.phases)
+        header = ["", *[{"expert": "expert phase", "router": "router phase", "full_sft": "full SFT (reference)"}[n] for n in names]]
+        rows = [
+            ("trainable parameters", [f"{self.phases[n].trainable_parameters:,}" for n in names]),
+            ("weights (incl. repairs)", [_human(self.phases[n].weights) for n in names]),
+            ("gradients", [_human(self.phases[n].gradients) for n in names]),
+            ("optimizer state", [_human(self.phases[n].optimizer_state) for n in names]),
+            ("activations (saved)", [_human(self.phases[n].activations) for n in names]),
+            ("transient (backward, LM head)", [_human(self.phases[n].transient) for n in names]),
+            ("replay cache on device", [_human(self.phases[n].replay_cache) for n in names]),
+            ("total per device", [_human(self.phases[n].total) for n in names]),
+        ]
+        if s["num_processes"] > 1:
+            rows.append((f"total, {s['num_processes']} processes", [_human(self.phases[n].total * s["num_processes"]) for n in names]))
+        widths = [max(len(r[0]) for r in rows + [("", [])])] + [
+            max(len(header[i + 1]), *(len(r[1][i]) for r in rows)) for i in range(len(names))
+        ]
+        lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+        for label, values in rows:
+            lines.append("  ".join([label.ljust(widths[0]), *(v.rjust(w) for v, w in zip(values, widths[1:]))]))
+        lines.append("")
+        cache = (
+            f"routing-replay cache: {self.replay_cache_bytes_per_token} B per token "
+            f"(= {self.num_moe_layers} layers x top-{self.top_k} x ({s['index_bytes']} B index + {s['weight_bytes']} B weight)), "
+            f"{self.replay_cache_copies} dataset-wide cop{'y' if self.replay_cache_copies == 1 else 'ies'} on {s['replay_cache_device']}"
+        )
+        if self.replay_cache_bytes is not None:
+            cache += f": {_human(self.replay_cache_bytes)} for {s['tokens_in_dataset']:,} tokens"
+        else:
+            cache += f": {_human(self.replay_cache_bytes_per_token * self.replay_cache_copies * 10**6)} per 1M tokens"
+        lines.append(cache)
+        lines.append("activations are an approximate formula (see rasa_trainer.memory); expect roughly +-15%.")
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def _human(n: int | float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model resolution
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_model(source) -> torch.nn.Module:
+    """A model (real or on the meta device) for a model, a config, a local path or a cached Hub id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, torch.nn.Module):
+        return unwrap_model(source)
+    if isinstance(source, PretrainedConfig):
+        return meta_model(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isfile(path):
+            if os.path.basename(path) != "config.json":
+                import json
+
+                with open(path) as f:
+                    data = json.load(f)
+                return meta_model(AutoConfig.for_model(**data) if "model_type" in data else _bad_config(path))
+            path = os.path.dirname(path) or "."
+        if os.path.isdir(path):
+            return meta_model(AutoConfig.from_pretrained(path))
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means "not available offline"
+            raise ValueError(
+                f"cannot load the config of {source!r} offline: it is neither a local directory or config.json nor a "
+                f"model id in the local Hugging Face cache ({type(err).__name__}: {err}). Download it first "
+                f"(`hf download {source} config.json`), pass a local config path or a transformers config object, "
+                f"or use a preset of examples/estimate_memory.py."
+            ) from None
+        return meta_model(config)
+    raise TypeError(
+        f"estimate_memory needs a model, a transformers config, a local config path or a model id; got "
+        f"{type(source).__name__}"
+    )
+
+
+def _bad_config(path: str):
+    raise ValueError(f"{path} has no 'model_type'; pass a transformers config.json")
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The model of ``config`` on the meta device (shapes and parameter counts only, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError as err:
+            raise ValueError(f"{type(config).__name__} has no causal-LM class in transformers: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Estimate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dtype_bytes(dtype) -> int:
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    try:
+        return DTYPE_BYTES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)} or a torch.dtype") from None
+
+
+def _selection_count(selection_size, total: int) -> int:
+    if isinstance(selection_size, bool) or not isinstance(selection_size, (int, float)):
+        raise TypeError(f"selection_size must be a count (int) or a fraction (float in (0, 1)), got {selection_size!r}")
+    if isinstance(selection_size, float) and not selection_size.is_integer():
+        if not 0 < selection_size < 1:
+            raise ValueError(f"selection_size={selection_size}: a fraction must lie in (0, 1)")
+        return max(1, round(selection_size * total))
+    count = int(selection_size)
+    if not 1 <= count <= total:
+        raise ValueError(f"selection_size={selection_size}: the model has {total} routed experts; give 1..{total}")
+    return count
+
+
+def _optimizer_bytes(tensors: list[int], optimizer: str) -> int:
+    """Optimiser state of parameters of the given element counts."""
+    if optimizer == "adamw":
+        return sum(8 * n + 4 for n in tensors)
+    # bitsandbytes 8-bit AdamW: two uint8 moments plus one fp32 absmax per 256-value block (and a step counter)
+    return sum(2 * n + 2 * 4 * math.ceil(n / 256) + 4 for n in tensors)
+
+
+def _attention_dims(text_config) -> tuple[int, int, int]:
+    hidden = int(text_config.hidden_size)
+    heads = int(getattr(text_config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    v_dim = int(getattr(text_config, "v_head_dim", None) or head_dim)
+    return heads * max(head_dim, v_dim), kv_heads * (head_dim + v_dim) // 2, heads
+
+
+def _dense_intermediate(model: torch.nn.Module, layers, hidden: int) -> dict[int, int]:
+    """Per decoder layer, the intermediate width of its dense MLP or shared experts (0 when there is none), from the
+    2-D weights of the MLP block outside the routed experts and the router."""
+    moe_blocks = {layer.experts_name.rpartition(".")[0]: layer for layer in layers}
+    out: dict[int, int] = {}
+    decoder = _decoder_layers(model)
+    for i, block in enumerate(decoder):
+        mlp = getattr(block, "mlp", None) or getattr(block, "block_sparse_moe", None)
+        if mlp is None:
+            out[i] = 0
+            continue
+        skip = set()
+        for name, module in mlp.named_modules():
+            if any(n for n, l in moe_blocks.items() if l.experts is module or l.router is module):
+                skip.add(name)
+        numel = 0
+        for name, p in mlp.named_parameters():
+            owner = name.rpartition(".")[0]
+            if p.dim() != 2 or any(owner == s or owner.startswith(s + ".") for s in skip if s):
+                continue
+            if min(p.shape) <= 1:  # e.g. a shared-expert gate [1, H]
+                continue
+            numel += p.numel()
+        out[i] = numel // (3 * hidden) if numel else 0
+    return out
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError(f"{type(model).__name__}: no decoder layers (a ModuleList named 'layers') found")
+
+
+def estimate_memory(
+    config_or_model_id_or_model,
+    selection_size,
+    *,
+    expert_tuning: str = "delta",
+    lora_rank: int = 8,
+    dtype="bfloat16",
+    optimizer: str = "adamw",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    tokens_in_dataset: int | None = None,
+    gradient_checkpointing: bool = True,
+    num_processes: int = 1,
+    replay_weights: str = "cached",
+    schedule: str = "alternate",
+    replay_cache_device: str = "cpu",
+) -> MemoryEstimate:
+    """Predict the memory of a RASA run, per phase and per device.
+
+    Args:
+        config_or_model_id_or_model: a model (its real parameters are counted), a ``transformers`` config, a local
+            directory or ``config.json``, or a model id already in the local Hugging Face cache (nothing is
+            downloaded; an id that is not available offline raises ``ValueError``).
+        selection_size: selected experts, as a count (int) or a fraction of all routed experts (float in (0, 1)).
+        expert_tuning: ``"delta"`` or ``"lora"`` (rank ``lora_rank``), as ``RASAConfig.expert_tuning``.
+        dtype: the model's dtype (``"bfloat16"``, ``"float16"``, ``"float32"`` or a ``torch.dtype``).
+        optimizer: ``"adamw"`` (torch) or ``"adamw_8bit"`` (bitsandbytes).
+        batch_size, seq_len: micro-batch per device (padded length).
+        tokens_in_dataset: training tokens, for the size of the routing-replay cache.
+        gradient_checkpointing: as ``SFTConfig.gradient_checkpointing`` (True by default there).
+        num_processes: data-parallel processes (each holds a full replica and the full caches).
+        replay_weights: as ``RASAConfig.replay_weights`` (does not change the cache; see the module docstring).
+        schedule: ``"alternate"`` (default), ``"expert_only"`` or ``"router_only"``.
+        replay_cache_device: where the caches live (``RASAConfig.replay_cache_device``, CPU by default).
+
+    Returns a :class:`MemoryEstimate`; ``print(estimate.format())`` shows the table.
+    """
+    if expert_tuning not in EXPERT_TUNINGS:
+        raise ValueError(f"expert_tuning={expert_tuning!r}; expected one of {EXPERT_TUNINGS}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; expected one of {OPTIMIZERS}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}; expected one of {SCHEDULES}")
+    if replay_weights not in ("cached", "recompute"):
+        raise ValueError(f"replay_weights={replay_weights!r}; expected 'cached' or 'recompute'")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("num_processes", num_processes), ("lora_rank", lora_rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; it must be a positive integer")
+    if tokens_in_dataset is not None and (not isinstance(tokens_in_dataset, int) or tokens_in_dataset < 0):
+        raise ValueError(f"tokens_in_dataset={tokens_in_dataset!r}; it must be a non-negative integer or None")
+    b = _dtype_bytes(dtype)
+
+    model = _resolve_model(config_or_model_id_or_model)
+    layers = moe_layers(model)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(text_config.hidden_size)
+    vocab = int(text_config.vocab_size)
+
+    params = list(model.parameters())  # shared (tied) parameters appear once
+    num_parameters = sum(p.numel() for p in params)
+    buffer_bytes = sum(buf.numel() * buf.element_size() for buf in model.buffers())
+    weight_bytes = num_parameters * b + buffer_bytes
+
+    # experts and routers
+    num_routed = sum(layer.num_experts for layer in layers)
+    selected = _selection_count(selection_size, num_routed)
+    per_expert = [sum(getattr(layer.experts, n)[0].numel() for n in layer.expert_parameter_names()) for layer in layers]
+    params_per_expert = round(sum(pe * l.num_experts for pe, l in zip(per_expert, layers)) / num_routed)
+    if expert_tuning == "delta":
+        per_selected = params_per_expert
+        expert_tensors_per_layer = [len(l.expert_parameter_names()) for l in layers]
+    else:
+        lora = []
+        for layer in layers:
+            lora.append(sum(lora_rank * (p.shape[1] + p.shape[2]) for n in layer.expert_parameter_names()
+                            if (p := getattr(layer.experts, n)).dim() == 3))
+        per_selected = round(sum(x * l.num_experts for x, l in zip(lora, layers)) / num_routed)
+        expert_tensors_per_layer = [2 * sum(getattr(l.experts, n).dim() == 3 for n in l.expert_parameter_names()) for l in layers]
+    trainable_expert = selected * per_selected
+    router_params = [p for layer in layers for p in layer.router.parameters()]
+    trainable_router = sum(p.numel() for p in router_params)
+
+    # optimiser state (lazy per group; both kept once both have stepped)
+    moe_with_selection = min(len(layers), selected)  # tensors exist per MoE layer holding a selected expert
+    n_expert_tensors = int(round(sum(expert_tensors_per_layer) / len(layers) * moe_with_selection))
+    expert_sizes = [trainable_expert // max(1, n_expert_tensors)] * n_expert_tensors
+    opt_expert = _optimizer_bytes(expert_sizes, optimizer)
+    opt_router = _optimizer_bytes([p.numel() for p in router_params], optimizer)
+
+    # replay cache
+    top_k = layers[0].top_k
+    index_bytes = 2 if max(l.num_experts for l in layers) <= torch.iinfo(torch.int16).max else 4
+    # the cache keeps the top-k weights as the router hands them on: RASATrainer casts them back to the model's dtype
+    # when routers are fp32 master weights (schedules with a router phase); otherwise some families (Mixtral,
+    # DeepSeek-V3) return fp32 weights from a bf16 model
+    weight_bytes_cached = b if schedule != "expert_only" else _router_weight_bytes(layers[0].router, hidden, dtype, b)
+    per_token = sum(l.top_k for l in layers) * (index_bytes + weight_bytes_cached)
+    copies = 1 if schedule == "router_only" else 2
+    cache_total = None if tokens_in_dataset is None else per_token * tokens_in_dataset * copies
+    cache_on_device = 0
+    if replay_cache_device != "cpu":
+        if tokens_in_dataset is None:
+            raise ValueError("replay_cache_device is not the CPU: give tokens_in_dataset to size the cache on the device")
+        cache_on_device = cache_total
+
+    # activations
+    acts = _activations(model, layers, text_config, b, batch_size, seq_len, selected, num_routed, params_per_expert,
+                        gradient_checkpointing)
+
+    has_expert = schedule in ("alternate", "expert_only")
+    has_router = schedule in ("alternate", "router_only")
+    router_upcast = trainable_router * (4 - b) if has_router else 0
+    repairs = 4 * trainable_expert if has_expert else 0
+    weights = weight_bytes + router_upcast + repairs
+    phases: dict[str, PhaseMemory] = {}
+    both = schedule == "alternate"
+    if has_expert:
+        phases["expert"] = PhaseMemory(
+            "expert", weights, trainable_expert, 4 * trainable_expert, opt_expert + (opt_router if both else 0),
+            acts["expert"], acts["expert_transient"], cache_on_device,
+        )
+    if has_router:
+        phases["router"] = PhaseMemory(
+            "router", weights, trainable_router, 4 * trainable_router, opt_router + (opt_expert if both else 0),
+            acts["router"], acts["router_transient"], cache_on_device if schedule == "alternate" else (cache_on_device // 2 if cache_on_device else 0),
+        )
+    if optimizer == "adamw":
+        full_opt = 2 * b * num_parameters + 4 * len(params)  # torch AdamW keeps its moments in the parameters' dtype
+    else:
+        full_opt = _optimizer_bytes([p.numel() for p in params], optimizer)
+    phases["full_sft"] = PhaseMemory(
+        "full_sft", weight_bytes, num_parameters, b * num_parameters, full_opt, acts["full"], acts["full_transient"], 0,
+    )
+    settings = dict(
+        expert_tuning=expert_tuning, lora_rank=lora_rank, dtype=str(dtype).replace("torch.", ""), optimizer=optimizer,
+        batch_size=batch_size, seq_len=seq_len, tokens_in_dataset=tokens_in_dataset,
+        gradient_checkpointing=gradient_checkpointing, num_processes=num_processes, replay_weights=replay_weights,
+        schedule=schedule, replay_cache_device=replay_cache_device, index_bytes=index_bytes,
+        weight_bytes=weight_bytes_cached,
+    )
+    return MemoryEstimate(
+        model_type=str(getattr(model.config, "model_type", type(model).__name__)),
+        num_parameters=num_parameters, weight_bytes=weight_bytes, num_moe_layers=len(layers),
+        num_experts=layers[0].num_experts, top_k=top_k, num_routed_experts=num_routed, selected_experts=selected,
+        parameters_per_expert=params_per_expert, trainable_parameters_expert=trainable_expert,
+        trainable_parameters_router=trainable_router, replay_cache_bytes_per_token=per_token,
+        replay_cache_copies=copies, replay_cache_bytes=cache_total, phases=phases, settings=settings,
+    )
+
+
+def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: int, selected: int, num_routed: int,
+                 params_per_expert: int, checkpointing: bool) -> dict[str, int]:
+    """Saved activations and transient peak per phase (see the module docstring for the formulas)."""
+    T, n = batch_size * seq_len, seq_len
+    H = int(text_config.hidden_size)
+    V = int(text_config.vocab_size)
+    Q, KV, heads = _attention_dims(text_config)
+    by_layer = {layer.layer_index: layer for layer in layers}
+    decoder = _decoder_layers(model)
+    dense = _dense_intermediate(model, layers, H)
+
+    def layer_bytes(i: int, kind: str) -> float:
+        """Bytes per token that decoder layer i saves: kind = full / frozen / router-extra / expert-extra."""
+        moe = by_layer.get(i)
+        d = dense.get(i, 0)
+        if kind == "full":
+            total = b * (8 * H + 4 * Q + 2 * KV) + 4 * n + 4 * heads
+            if moe is not None:
+                k, inter, E = moe.top_k, _expert_intermediate(moe), moe.num_experts
+                total += b * k * (2 * H + 4 * inter) + 8 * E + 40 * k
+            if d:
+                total += b * (H + 4 * d)
+            return total
+        if kind == "frozen":
+            total = b * (3 * H + 4 * Q + KV) + 4 * n
+            if moe is not None:
+                k, inter, E = moe.top_k, _expert_intermediate(moe), moe.num_experts
+                total += b * 3 * k * inter + 4 * E + 24 * k
+            if d:
+                total += b * 3 * d
+            return total
+        if kind == "router":
+            if moe is None:
+                return 0.0
+            return b * moe.top_k * H + 4 * H + 8 * moe.num_experts
+        raise ValueError(kind)
+
+    num_layers = len(decoder)
+    first_moe = min(by_layer)
+    full_layers = [layer_bytes(i, "full") for i in range(num_layers)]
+    frozen_layers = [layer_bytes(i, "frozen") if i > first_moe else 0.0 for i in range(num_layers)]
+    router_extra = [layer_bytes(i, "router") for i in range(num_layers)]
+    # the selected experts' own path: per token, k * S_l / E_l assignments per MoE layer reach a selected expert
+    share = selected / num_routed
+    repair_path = b * share * sum(l.top_k * (2 * H + 4 * _expert_intermediate(l)) for l in layers)
+    effective_weights = selected * params_per_expert * b
+    lm_head_saved = b * H
+    lm_head_transient = 2 * 4 * V * min(T, LM_HEAD_CHUNK)
+
+    def phase(per_layer: list[float], extra_per_token: float, extra_fixed: float, lm_head: bool) -> tuple[int, int]:
+        biggest = max(per_layer) if per_layer else 0.0
+        if checkpointing:
+            saved = T * (num_layers * b * H + biggest) + extra_fixed / len(layers)
+            saved += T * extra_per_token / len(layers)
+        else:
+            saved = T * sum(per_layer) + extra_fixed + T * extra_per_token
+        if lm_head:
+            saved += T * lm_head_saved
+        transient = T * biggest + (lm_head_transient if lm_head else 0)
+        return int(saved), int(transient)
+
+    full, full_t = phase(full_layers, 0.0, 0.0, True)
+    expert, expert_t = phase(frozen_layers, repair_path, effective_weights, True)
+    router_layers = [f + r for f, r in zip(frozen_layers, router_extra)]
+    router, router_t = phase(router_layers, 0.0, 0.0, False)
+    return {"full": full, "full_transient": full_t, "expert": expert, "expert_transient": expert_t,
+            "router": router, "router_transient": router_t}
+
+
+@torch.no_grad()
+def _router_weight_bytes(router: torch.nn.Module, hidden: int, dtype, default: int) -> int:
+    """Bytes per top-k weight the router returns for a model in ``dtype`` (run on a CPU copy; meta routers are
+    materialised with random weights)."""
+    import copy
+    import itertools
+
+    try:
+        probe = copy.deepcopy(router)
+        if any(t.is_meta for t in itertools.chain(probe.parameters(), probe.buffers())):
+            probe = probe.to_empty(device="cpu")
+            for t in itertools.chain(probe.parameters(), probe.buffers()):
+                t.normal_() if t.is_floating_point() else t.zero_()
+        torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(str(dtype), str(dtype)))
+        probe = probe.to("cpu").to(torch_dtype).eval()
+        probe._forward_hooks.clear()
+        probe._forward_pre_hooks.clear()
+        out = probe(torch.randn(4, hidden, dtype=torch_dtype))
+        return int(out[1].element_size())
+    except Exception:  # noqa: BLE001 - an unusual router: assume the model's dtype
+        return default
+
+
+def _expert_intermediate(layer) -> int:
+    """The intermediate width of one routed expert of ``layer`` (from ``down_proj``)."""
+    down = layer.experts.down_proj
+    return int(down.shape[1] if layer.is_transposed else down.shape[2])

@@ -156,30 +156,39 @@ def _unsupported() -> ScoringRule:
 
 @torch.no_grad()
 def _probe(router: nn.Module, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Call a float32 copy of ``router`` with random weights on random hidden states, in eval mode.
+    """Call a float32 CPU copy of ``router`` with random weights on random hidden states, in eval mode.
 
-    A copy keeps the model untouched; random weights avoid the ties a zero-initialised router would produce.
+    The copy is shallow with fresh tensors, so it works whatever holds the real weights: a meta-device model (memory
+    planning), DeepSpeed ZeRO-3 partitions (empty tensors whose real shape is ``ds_shape``) or FSDP2 DTensors; the
+    model stays untouched. Random weights avoid the ties a zero-initialised router would produce.
     """
-    probe = copy.deepcopy(router)
-    if any(t.is_meta for t in itertools.chain(probe.parameters(), probe.buffers())):
-        # a model instantiated on the meta device (e.g. for memory planning): probe a CPU copy of the same class and
-        # shapes; buffers (such as a selection bias) start at zero, parameters are filled below
-        probe = probe.to_empty(device="cpu")
-        for buffer in probe.buffers():
-            buffer.zero_()
-    probe = probe.float().eval()
-    for hooks in (probe._forward_hooks, probe._forward_pre_hooks):
-        hooks.clear()  # a copy made while record/replay hooks are active must not replay or record
     generator = torch.Generator().manual_seed(0)
-    for param in probe.parameters():
-        param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    first_param = next(probe.parameters(), None)
-    device = first_param.device if first_param is not None else torch.device("cpu")
-    hidden = torch.randn(64, hidden_size, generator=generator).to(device)
-    output = probe(hidden)
+    probe = copy.copy(router)
+    probe.__dict__ = dict(router.__dict__)
+    probe._parameters = {
+        name: None if p is None else nn.Parameter(torch.randn(_full_shape(p), generator=generator) * 0.5, requires_grad=False)
+        for name, p in router._parameters.items()  # None entries (e.g. Linear without bias) stay None
+    }
+    probe._buffers = {
+        name: None if b is None else torch.zeros(_full_shape(b)) if b.is_meta or b.numel() == 0 else b.detach().float().cpu().clone()
+        for name, b in router._buffers.items()
+    }
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                  "_forward_hooks_always_called"):
+        if hasattr(probe, hooks):
+            setattr(probe, hooks, type(getattr(router, hooks))())  # record/replay hooks must not act on the probe
+    probe.training = False
+    hidden = torch.randn(64, hidden_size, generator=generator)
+    with torch.no_grad():
+        output = probe(hidden)
     if not (isinstance(output, tuple) and len(output) == 3):
         raise _ConventionError(f"returns {type(output).__name__} of length {len(output) if isinstance(output, tuple) else 1}")
     return output
+
+
+def _full_shape(tensor: torch.Tensor) -> torch.Size:
+    """The logical shape of a parameter: ZeRO-3 keeps an empty local tensor and the real shape in ``ds_shape``."""
+    return torch.Size(getattr(tensor, "ds_shape", tensor.shape))
 
 
 class _ConventionError(Exception):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from .moe import MoELayer, moe_layers
+from .moe import MoELayer, _full_shape, moe_layers
 
 EXPERTS_IMPLEMENTATION = "rasa_repairs"
 REPAIR_MODES = ("delta", "lora")
@@ -40,14 +40,14 @@ class ExpertRepairs(nn.Module):
             raise ValueError(f"mode={mode!r}; expected one of {REPAIR_MODES}")
         self.mode, self.rank, self.scaling = mode, rank, alpha / rank
         self.register_buffer("selected", torch.tensor(sorted(selected), dtype=torch.long))
-        self.names = [n for n, p in experts.named_parameters(recurse=False) if p.shape[0] == _num_experts(experts)]
+        self.names = [n for n, p in experts.named_parameters(recurse=False) if _full_shape(p)[0] == _num_experts(experts)]
         device = next(experts.parameters()).device
         for name in self.names:
-            base = getattr(experts, name)
-            shape = (len(selected), *base.shape[1:])
+            base_shape = _full_shape(getattr(experts, name))
+            shape = (len(selected), *base_shape[1:])
             if mode == "delta":
                 self.register_parameter(f"delta_{name}", nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
-            elif base.dim() == 3:
+            elif len(base_shape) == 3:
                 a = torch.empty(len(selected), rank, shape[2], dtype=dtype, device=device)
                 for i in range(len(selected)):
                     nn.init.kaiming_uniform_(a[i], a=math.sqrt(5))  # PEFT's default LoRA A init
@@ -88,7 +88,7 @@ def _param_name(module: nn.Module, param: torch.Tensor) -> str:
 
 
 def _num_experts(experts: nn.Module) -> int:
-    return int(experts.down_proj.shape[0])
+    return int(_full_shape(experts.down_proj)[0])
 
 
 def _original_forward(experts: nn.Module):
@@ -223,30 +223,45 @@ def detach_repairs(model: nn.Module) -> None:
         inner.set_experts_implementation(base_impl or "eager")
 
 
-def repairs_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The repair tensors keyed ``moe_layers.{i}.{name}`` (plus the selected indices), for saving adapters."""
-    state = {}
-    for layer, repairs in repair_modules(model):
-        for name, tensor in repairs.state_dict().items():
-            state[f"moe_layers.{layer.index}.{name}"] = tensor.detach().cpu().contiguous()
-    return state
-
-
 @torch.no_grad()
-def merged_state_dict(model: nn.Module, dtype_of_routers: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None,
+                      dtype_of_routers: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with every repair merged into its fused expert tensors and no repair keys, without
-    changing the model. Routers are cast to ``dtype_of_routers`` when given (they train as fp32 master weights)."""
+    changing the model.
+
+    Args:
+        model: the model with repairs attached (plain or wrapped).
+        state: its full, unsharded state dict when the live weights are sharded (FSDP, ZeRO-3: pass
+            ``accelerator.get_state_dict(model)``); default ``model.state_dict()``.
+        dtype_of_routers: cast routers to this dtype (they train as fp32 master weights).
+    """
     from .moe import unwrap_model
 
     base = unwrap_model(model)
-    state = {k: v for k, v in base.state_dict().items() if ".rasa_repairs." not in k}
+    state = dict(state if state is not None else base.state_dict())
     for layer, repairs in repair_modules(base):
+        prefix = f"{layer.experts_name}.rasa_repairs."
+        selected = state[f"{prefix}selected"].long()
         for name in repairs.names:
-            merged = getattr(layer.experts, name).detach().clone()
-            merged[repairs.selected] = repairs.effective(layer.experts, name).detach().to(merged.dtype)
-            state[f"{layer.experts_name}.{name}"] = merged
+            delta = _delta_from_state(state, prefix, name, repairs)
+            if delta is None:
+                continue
+            key = f"{layer.experts_name}.{name}"
+            merged = state[key].clone()
+            merged[selected] = (merged[selected].to(delta.dtype) + delta.to(merged.device)).to(merged.dtype)
+            state[key] = merged
+    state = {k: v for k, v in state.items() if ".rasa_repairs." not in k}
     if dtype_of_routers is not None:
         for layer in moe_layers(base):
-            for name, param in layer.router.named_parameters():
-                state[f"{layer.router_name}.{name}"] = param.detach().to(dtype_of_routers)
+            for name, _ in layer.router.named_parameters():
+                key = f"{layer.router_name}.{name}"
+                state[key] = state[key].to(dtype_of_routers)
     return state
+
+
+def _delta_from_state(state: dict[str, torch.Tensor], prefix: str, name: str, repairs: ExpertRepairs):
+    if repairs.mode == "delta":
+        return state[f"{prefix}delta_{name}"]
+    if f"{prefix}lora_B_{name}" not in state:
+        return None
+    return torch.bmm(state[f"{prefix}lora_B_{name}"], state[f"{prefix}lora_A_{name}"]) * repairs.scaling

@@ -32,7 +32,7 @@ from .config import RASAConfig
 from .data import as_messages, completion_text, validate_pairs
 from .model_card import render_model_card
 from .moe import moe_layers, unwrap_model
-from .repairs import attach_repairs, merged_state_dict, repair_modules, repairs_state_dict
+from .repairs import attach_repairs, merged_state_dict, repair_modules
 from .replay_cache import RoutingCache, assignment_shift
 from .routing import record_routing, replay_routing
 from .utils import atomic_save_safetensors, atomic_write_json
@@ -265,6 +265,7 @@ class RASATrainer(SFTTrainer):
             )
         if schedule in ("alternate", "router_only"):
             self._groups["routers"] = _fp32_routers(model)
+        _register_zero3_leaf_modules(model)
         for params in self._groups.values():
             for p in params:
                 p.requires_grad_(True)
@@ -482,27 +483,32 @@ class RASATrainer(SFTTrainer):
         if _internal_call or self.args.rasa_schedule == "full":
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
+        model = unwrap_model(self.model)
+        # sharded weights (FSDP, ZeRO-3) are gathered by accelerate, a collective that every rank enters
+        state = self.accelerator.get_state_dict(self.model_wrapped) if (self.is_fsdp_enabled or self.is_deepspeed_enabled) else None
         if not self.args.should_save:
             return
+        state = state if state is not None else model.state_dict()
         os.makedirs(output_dir, exist_ok=True)
-        model = unwrap_model(self.model)
-        state = merged_state_dict(model, dtype_of_routers=self._model_dtype)
-        model.save_pretrained(output_dir, state_dict=state)
+        model.save_pretrained(output_dir, state_dict=merged_state_dict(model, state, dtype_of_routers=self._model_dtype))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if self.selection is not None:
             atomic_write_json(self.selection.to_dict(), os.path.join(output_dir, SELECTION_FILE))
         if self.args.expert_tuning == "lora" and repair_modules(model):
-            self._save_adapter(os.path.join(output_dir, "rasa_adapter"))
+            self._save_adapter(os.path.join(output_dir, "rasa_adapter"), state)
         self.create_model_card(model_name=os.path.basename(os.path.abspath(output_dir)), output_dir=output_dir)
 
-    def _save_adapter(self, folder: str) -> None:
+    def _save_adapter(self, folder: str, state: dict[str, torch.Tensor]) -> None:
         """The LoRA factors of the selected experts and the trained router weights alone."""
         model = unwrap_model(self.model)
-        tensors = repairs_state_dict(model)
+        tensors = {}
+        for layer, _ in repair_modules(model):
+            prefix = f"{layer.experts_name}.rasa_repairs."
+            tensors.update({f"moe_layers.{layer.index}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)})
         for layer in moe_layers(model):
-            for name, p in layer.router.named_parameters():
-                tensors[f"routers.{layer.index}.{name}"] = p.detach().float().cpu()
+            for name, _ in layer.router.named_parameters():
+                tensors[f"routers.{layer.index}.{name}"] = state[f"{layer.router_name}.{name}"].float()
         atomic_save_safetensors(tensors, os.path.join(folder, "rasa_adapter.safetensors"))
         atomic_write_json(
             {"mode": "lora", "rank": self.args.expert_lora_rank, "alpha": self.args.expert_lora_alpha,
@@ -525,6 +531,20 @@ class RASATrainer(SFTTrainer):
         from .utils import atomic_write_text
 
         atomic_write_text(text, os.path.join(output_dir, "README.md"))
+
+
+def _register_zero3_leaf_modules(model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3 make every MoE block a leaf module: ranks route tokens to different experts, and
+    per-expert parameter fetching would otherwise hang (deepspeedai/DeepSpeed#7461)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    modules = dict(model.named_modules())
+    blocks = {type(modules[layer.router_name.rpartition(".")[0]]) for layer in moe_layers(model)}
+    set_z3_leaf_modules(model, sorted(blocks, key=lambda c: c.__name__))
 
 
 @contextlib.contextmanager

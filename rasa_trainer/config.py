@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+import torch
 
 from trl import SFTConfig
 
 from .data import DEFAULT_REFUSAL
+
+logger = logging.getLogger(__name__)
 
 SCHEDULES = ("alternate", "expert_only", "router_only", "full")
 KL_DIRECTIONS = ("forward", "reverse", "symmetric")
@@ -116,6 +121,11 @@ class RASAConfig(SFTConfig):
                 "routing replay cache need whole, unpacked rows. Set packing=False and padding_free=False."
             )
         self._configure_checkpointing()
+        if not self.use_cpu and not _accelerator_available():
+            # Without an accelerator the run is on the CPU anyway, but only use_cpu=True makes accelerate form a gloo
+            # process group: launched with several processes, each would otherwise train alone.
+            logger.info("RASAConfig: no accelerator found; setting use_cpu=True")
+            self.use_cpu = True
         if self.ddp_find_unused_parameters is None:
             # the phases train disjoint parameter sets, and a batch may route no token to some selected expert
             self.ddp_find_unused_parameters = True
@@ -156,3 +166,12 @@ class RASAConfig(SFTConfig):
         if self.gradient_checkpointing:
             kwargs["use_reentrant"] = False
             self.gradient_checkpointing_kwargs = kwargs
+
+
+def _accelerator_available() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
+    )

@@ -54,3 +54,28 @@ def test_accelerate_launch_multi_gpu_on_cpu(tmp_path):
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     _check_report(tmp_path)
+
+
+def _train_py(launcher: list[str], output_dir) -> None:
+    cmd = [*launcher, os.path.join(ROOT, "examples", "train.py"), "--output_dir", str(output_dir), "--rasa_rounds", "1"]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # one process evaluated and wrote the results; both trained under DDP with the same selection
+    assert result.stdout.count("ASR, all attacks") == 1
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["after"]["asr_aligned"] < results["before"]["asr_aligned"]
+    assert os.path.isfile(os.path.join(output_dir, "model", "model.safetensors"))
+
+
+@pytest.mark.timeout(900)
+def test_train_py_under_torchrun(tmp_path):
+    _train_py([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port())], tmp_path)
+
+
+@pytest.mark.timeout(900)
+def test_train_py_under_accelerate_launch(tmp_path):
+    _train_py([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port())], tmp_path)

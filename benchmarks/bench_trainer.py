@@ -11,27 +11,28 @@ True; the targets compare the training work itself, and checkpointing would add 
 AdamW (torch), ``per_device_train_batch_size=8``, no gradient accumulation, ``max_grad_norm=1.0`` (the default), one
 epoch of ``--steps`` steps, no logging or saving during the timed steps, ``dataloader_num_workers=0``.
 
-Runs (each in its own subprocess, so that memory is measured per run):
+Runs:
 
-- ``full``: ``trl.SFTTrainer`` on the plain model, every parameter trainable (completion-only loss);
+- ``full``: ``trl.SFTTrainer`` on the plain model, every parameter trainable (completion-only loss; TRL turns on the
+  model's load-balancing loss for MoE models, as any user of plain SFT gets);
 - ``expert``: ``RASATrainer`` with ``rasa_schedule="expert_only"`` (repairs of the 32 experts, replayed routing);
 - ``router``: ``RASATrainer`` with ``rasa_schedule="router_only"`` (routers only, router-consistency KL).
 
-The three runs are repeated ``--repeats`` times in rotating order; every ratio is taken within a repeat (so the
-machine's load at that time hits both sides) and the median over repeats is reported.
-
-Timing: a step is the time from ``on_step_begin`` to ``on_step_end`` (forward, backward, gradient clipping, optimiser
-step, zeroing gradients; not data loading, not the per-epoch routing recording of the expert phase, which is
-reported apart as "phase setup"). The first ``--warmup`` steps of every run are dropped and the median of the
-remaining steps is the run's step time. "forward-backward" is the time of ``Trainer.training_step`` alone.
+Timing: the CPU is shared with other work whose load swings by several times within minutes, so the three trainers
+are built in one process and stepped in rotation (full, expert, router, full, ...; each trainer runs in a thread and
+only the thread holding a baton runs, so they never overlap). Every ratio is taken between neighbouring steps of one
+round, and the median over rounds is reported, for wall-clock and for process CPU time. A step is the time from
+``on_step_begin`` to ``on_step_end`` (forward, backward, gradient clipping, optimiser step, zeroing gradients; not data
+loading, and not the routing records the expert phase makes once per epoch). The first ``--warmup`` steps are left
+out. "forward-backward" is ``Trainer.training_step`` alone.
 
 Memory: torch has no CPU allocator statistics, and ``tracemalloc`` does not see torch's allocations, so peak memory
-is the resident set size (RSS, from ``psutil``) of the run's own process: a thread samples RSS every millisecond
-during ``train()``; "peak" is the highest sample minus the RSS right after the imports (before the model is built).
-It covers the model, gradients, optimiser state, activations, the routing cache and allocator slack of that run.
+is the resident set size (RSS, from ``psutil``) of a separate process per run: a thread samples RSS every
+millisecond during ``train()``; "peak" is the highest sample minus the RSS right after the imports (before the model
+is built), i.e. the model, gradients, optimiser state, activations, routing caches and allocator slack of that run.
 "training delta" is the highest sample minus the RSS just before ``train()`` (model and trainer built).
 
-Usage: ``python benchmarks/bench_trainer.py [--repeats 3] [--steps 8] [--rows-per-step 8]``
+Usage: ``python benchmarks/bench_trainer.py [--steps 14] [--warmup 2] [--memory-steps 4] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -301,15 +302,108 @@ def run_worker(mode: str, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Timing: the three trainers in one process, one step at a time in rotation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Baton:
+    """Lets exactly one of several threads run at a time, in a fixed rotation, switching at step ends."""
+
+    def __init__(self, names):
+        self.order, self.turn, self.active = list(names), 0, set(names)
+        self.cv = threading.Condition()
+
+    def wait(self, name):
+        with self.cv:
+            self.cv.wait_for(lambda: self.order[self.turn] == name)
+
+    def _advance(self):
+        n = len(self.order)
+        for i in range(1, n + 1):
+            if self.order[(self.turn + i) % n] in self.active:
+                self.turn = (self.turn + i) % n
+                return
+
+    def pass_on(self, name):
+        with self.cv:
+            self._advance()
+            self.cv.notify_all()
+        self.wait(name)
+
+    def done(self, name):
+        with self.cv:
+            self.active.discard(name)
+            if self.active:
+                self._advance()
+            self.cv.notify_all()
+
+
+def interleaved_timing(args) -> dict[str, dict[str, list[float]]]:
+    """Step and forward-backward times of the three runs, built in this process and stepped in rotation
+    (full, expert, router, full, ...), so that consecutive steps of different runs see the same machine load.
+    Everything else each trainer does (setup, the routing records of the expert phase) also runs only while it holds
+    the baton, so the runs never overlap."""
+    import torch
+    from transformers import TrainerCallback
+
+    torch.set_num_threads(args.threads)
+    baton = _Baton(MODES)
+    results = {m: {"wall": [], "cpu": [], "fb_wall": [], "fb_cpu": []} for m in MODES}
+    errors = []
+
+    def run(mode, tmp):
+        baton.wait(mode)
+        try:
+            trainer, _, _ = build_trainer(mode, args.steps * args.batch, tmp, args.batch, args.seq)
+            rec = results[mode]
+
+            class Rotate(TrainerCallback):
+                def on_step_begin(self, a, state, control, **kw):
+                    self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+                def on_step_end(self, a, state, control, **kw):
+                    rec["wall"].append(time.perf_counter() - self.t0)
+                    rec["cpu"].append(time.process_time() - self.c0)
+                    baton.pass_on(mode)
+
+            trainer.add_callback(Rotate())
+            original = trainer.training_step
+
+            def training_step(*a, **kw):
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = original(*a, **kw)
+                rec["fb_wall"].append(time.perf_counter() - t0)
+                rec["fb_cpu"].append(time.process_time() - c0)
+                return out
+
+            trainer.training_step = training_step
+            trainer.train()
+        except BaseException as err:  # noqa: BLE001 - reported by the driver
+            errors.append((mode, err))
+        finally:
+            baton.done(mode)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        threads = [threading.Thread(target=run, args=(m, os.path.join(tmp, m))) for m in MODES]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise RuntimeError(f"{errors[0][0]} run failed") from errors[0][1]
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="training steps per run (one epoch)")
+    parser.add_argument("--steps", type=int, default=14, help="training steps per run in the timing (one epoch)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
+    parser.add_argument("--memory-steps", type=int, default=4, help="training steps per memory run")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -320,72 +414,67 @@ def main() -> None:
         worker(args.worker, args.steps, args.batch, args.seq, args.warmup, args.threads, args.out)
         return
 
-    runs: list[dict[str, dict]] = []
-    for rep in range(args.repeats):
-        order = list(MODES[rep % 3:] + MODES[: rep % 3])
-        results = {}
-        for mode in order:
-            results[mode] = run_worker(mode, args)
-            print(f"repeat {rep + 1}/{args.repeats} {mode:<6}: step {results[mode]['step_s'] * 1e3:8.1f} ms, "
-                  f"fwd-bwd {results[mode]['fb_s'] * 1e3:8.1f} ms, peak {results[mode]['peak_bytes'] / 2**20:7.1f} MiB",
-                  flush=True)
-        runs.append(results)
-    report(runs, args)
+    timing = interleaved_timing(args)
+    memory = {}
+    for mode in MODES:
+        mem_args = argparse.Namespace(**{**vars(args), "steps": args.memory_steps, "warmup": 1})
+        memory[mode] = run_worker(mode, mem_args)
+        print(f"memory run {mode:<6}: peak {memory[mode]['peak_bytes'] / 2**20:7.1f} MiB", flush=True)
+    report(timing, memory, args)
 
 
-def _median(values):
-    return statistics.median(values)
-
-
-def report(runs: list[dict[str, dict]], args) -> None:
-    first = runs[0]
-    full, expert = first["full"], first["expert"]
+def report(timing: dict, memory: dict, args) -> None:
+    full, expert, router = memory["full"], memory["expert"], memory["router"]
     selected = expert["selected_params"]
-    med = lambda mode, key: _median([r[mode][key] for r in runs])  # noqa: E731
-    ratio = lambda num, den: _median([r[num[0]][num[1]] / r[den[0]][den[1]] for r in runs])  # noqa: E731
+    w = args.warmup
+    t = {m: {k: v[w:] for k, v in timing[m].items()} for m in MODES}
+    rounds = min(len(t[m]["wall"]) for m in MODES)
+    med = statistics.median
+    per_round = lambda num, den, kn, kd: med([t[num][kn][i] / t[den][kd][i] for i in range(rounds)])  # noqa: E731
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     rows = []
 
-    def row(name, value, ratio_text, target, met):
+    def row(name, value, ratio_text="", target="", met=None):
         rows.append((name, value, ratio_text, target, "" if met is None else ("yes" if met else "NO")))
 
-    row("trainable params, full SFT", f"{full['trainable']:,}", "", "", None)
+    row("trainable params, full SFT", f"{full['trainable']:,}")
     row("trainable params, expert phase", f"{expert['trainable']:,}", f"selected experts: {selected:,}",
         "== selected", expert["trainable"] == selected)
-    row("trainable params, router phase", f"{first['router']['trainable']:,}", "", "", None)
+    row("trainable params, router phase", f"{router['trainable']:,}", "all router weights")
     opt_ratio = expert["optimizer_state_bytes"] / (selected * 4)
     row("optimizer state, expert phase", mib(expert["optimizer_state_bytes"]), f"{opt_ratio:.3f} x (selected x 4 B)",
         f"<= {TARGETS['optimizer_state']}", opt_ratio <= TARGETS["optimizer_state"])
     row("optimizer state, full SFT", mib(full["optimizer_state_bytes"]),
-        f"{full['optimizer_state_bytes'] / (full['trainable'] * 4):.3f} x (all params x 4 B)", "", None)
-    row("step time, full SFT", f"{med('full', 'step_s') * 1e3:.1f} ms", "1", "", None)
-    row("forward-backward, full SFT", f"{med('full', 'fb_s') * 1e3:.1f} ms", "", "", None)
-    r = ratio(("expert", "step_s"), ("full", "step_s"))
-    row("step time, expert phase", f"{med('expert', 'step_s') * 1e3:.1f} ms", f"{r:.3f} x full step",
-        f"<= {TARGETS['expert_step']}", r <= TARGETS["expert_step"])
-    r = ratio(("router", "step_s"), ("full", "fb_s"))
-    row("step time, router phase", f"{med('router', 'step_s') * 1e3:.1f} ms", f"{r:.3f} x full fwd-bwd",
-        f"<= {TARGETS['router_step']}", r <= TARGETS["router_step"])
-    row("phase setup (routing records), expert", f"{med('expert', 'setup_s') * 1e3:.0f} ms", "per epoch, not per step", "", None)
-    row("peak memory, full SFT", mib(med("full", "peak_bytes")), "1", "", None)
-    r = ratio(("expert", "peak_bytes"), ("full", "peak_bytes"))
-    row("peak memory, expert phase", mib(med("expert", "peak_bytes")), f"{r:.3f} x full", f"<= {TARGETS['expert_peak']}",
+        f"{full['optimizer_state_bytes'] / (full['trainable'] * 4):.3f} x (all params x 4 B)")
+    for clock, key, fb in (("wall", "wall", "fb_wall"), ("CPU", "cpu", "fb_cpu")):
+        row(f"step time, full SFT ({clock})", f"{med(t['full'][key]) * 1e3:.1f} ms", "1")
+        row(f"forward-backward, full SFT ({clock})", f"{med(t['full'][fb]) * 1e3:.1f} ms")
+        r = per_round("expert", "full", key, key)
+        row(f"step time, expert phase ({clock})", f"{med(t['expert'][key]) * 1e3:.1f} ms", f"{r:.3f} x full step",
+            f"<= {TARGETS['expert_step']}", r <= TARGETS["expert_step"])
+        r = per_round("router", "full", key, fb)
+        row(f"step time, router phase ({clock})", f"{med(t['router'][key]) * 1e3:.1f} ms", f"{r:.3f} x full fwd-bwd",
+            f"<= {TARGETS['router_step']}", r <= TARGETS["router_step"])
+    row("peak memory, full SFT", mib(full["peak_bytes"]), "1")
+    r = expert["peak_bytes"] / full["peak_bytes"]
+    row("peak memory, expert phase", mib(expert["peak_bytes"]), f"{r:.3f} x full", f"<= {TARGETS['expert_peak']}",
         r <= TARGETS["expert_peak"])
-    r = ratio(("router", "peak_bytes"), ("full", "peak_bytes"))
-    row("peak memory, router phase", mib(med("router", "peak_bytes")), f"{r:.3f} x full", "", None)
+    row("peak memory, router phase", mib(router["peak_bytes"]), f"{router['peak_bytes'] / full['peak_bytes']:.3f} x full")
     for mode in MODES:
-        row(f"training delta RSS, {mode}", mib(med(mode, "train_delta_bytes")), "", "", None)
+        row(f"training delta RSS, {mode}", mib(memory[mode]["train_delta_bytes"]))
 
     print()
     print(f"bench_trainer: OLMoE 4 layers x 64 experts top-8 (hidden 256, expert intermediate 128, vocab 1024), "
-          f"{first['full']['total_params']:,} params; batch {args.batch} x <= {full['max_row_tokens']} tokens "
-          f"(mean row {full['mean_row_tokens']:.1f}); {selected:,} params in 32/256 selected experts (delta); fp32, "
-          f"gradient_checkpointing=False, AdamW, {args.steps} steps per run ({args.warmup} warm-up steps dropped), "
-          f"{args.repeats} repeats in rotating order, medians of per-repeat ratios; {args.threads} threads")
-    widths = [max(len(str(x[i])) for x in rows + [("measure", "value", "ratio", "target", "met")]) for i in range(5)]
+          f"{full['total_params']:,} params; batch {args.batch} x <= {full['max_row_tokens']} tokens (mean row "
+          f"{full['mean_row_tokens']:.1f}); {selected:,} params in 32/256 selected experts (delta); fp32, "
+          f"gradient_checkpointing=False, AdamW (torch), max_grad_norm 1.0; {args.threads} threads")
+    print(f"timing: the three runs in one process, stepped in rotation, {rounds} rounds after {w} warm-up steps; ratios "
+          f"are medians over rounds of per-round ratios (wall clock, and process CPU time); memory: one subprocess "
+          f"per run ({args.memory_steps} steps), peak RSS minus RSS after imports")
     header = ("measure", "value", "ratio", "target", "met")
+    widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(5)]
     for line in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+        print("  ".join(str(c).ljust(wd) for c, wd in zip(line, widths)))
 
 
 if __name__ == "__main__":

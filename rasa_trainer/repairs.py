@@ -122,7 +122,13 @@ def _expert_mlp(experts: nn.Module, x: torch.Tensor, weights: dict[str, torch.Te
 def repaired_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts function: the original kernel for all tokens, with the selected experts' outputs recomputed with
-    their repaired weights."""
+    their repaired weights.
+
+    The (token, slot) assignments that reach a selected expert are gathered once, grouped by expert, run through
+    their expert's repaired MLP, and added back with a single ``index_add``: one gather and one scatter of
+    ``[assignments, H]`` per layer instead of one full ``[N, H]`` copy per selected expert, and no per-expert
+    full-size gradient buffers in backward.
+    """
     base = _base_forward(self)
     repairs: ExpertRepairs | None = getattr(self, "rasa_repairs", None)
     if repairs is None or not getattr(self, "_rasa_repairs_enabled", True):
@@ -130,14 +136,20 @@ def repaired_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     selected = repairs.selected
     is_selected = torch.isin(top_k_index, selected)
     out = base(self, hidden_states, top_k_index, top_k_weights.masked_fill(is_selected, 0))
-    weights = {name: repairs.effective(self, name) for name in repairs.names}
-    for j in range(len(selected)):
-        token, slot = torch.where(top_k_index == selected[j])
-        if token.numel() == 0:
-            continue
-        expert_out = _expert_mlp(self, hidden_states[token], weights, j)
-        out = out.index_add(0, token, (expert_out * top_k_weights[token, slot, None]).to(out.dtype))
-    return out
+    token, slot = torch.nonzero(is_selected, as_tuple=True)
+    if token.numel() == 0:
+        return out
+    position = torch.searchsorted(selected, top_k_index[token, slot])  # which selected expert (selected is sorted)
+    order = torch.argsort(position, stable=True)
+    token, slot = token[order], slot[order]
+    counts = torch.bincount(position[order], minlength=len(selected)).tolist()
+    # split / unbind rather than slicing per expert: their backward builds one gradient tensor (a cat / stack),
+    # where per-expert slices would each allocate and zero-fill a gradient of the whole tensor
+    inputs = hidden_states[token].split(counts)
+    weights = {name: repairs.effective(self, name).unbind(0) for name in repairs.names}
+    outputs = [_expert_mlp(self, inputs[j], weights, j) for j, count in enumerate(counts) if count]
+    expert_out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return out.index_add(0, token, (expert_out * top_k_weights[token, slot, None]).to(out.dtype))
 
 
 ExpertsInterface.register(EXPERTS_IMPLEMENTATION, repaired_experts_forward)

@@ -349,3 +349,18 @@ def test_trainer_errors(tmp_path):
     with pytest.raises(ValueError):
         RASATrainer(model, args=make_args(tmp_path), train_dataset=tiny_pairs(), processing_class=tokenizer,
                     safety_critical_experts=wrong)
+
+
+def test_trainer_detects_experts_when_none_are_given(tmp_path):
+    from rasa_trainer.safety_world import load_safety_world_model, load_world_metadata, make_world
+
+    model, tokenizer = load_safety_world_model()
+    pairs = make_world(seed=0).train_pairs()[::8]  # 32 pairs, every aligned family
+    trainer = RASATrainer(model, args=make_args(tmp_path, detection_max_new_tokens=16, detection_batch_size=32,
+                                                detection_judge="keyword"),
+                          train_dataset=pairs, processing_class=tokenizer)
+    planted = {tuple(e) for e in load_world_metadata()["planted_experts"]}
+    chosen = {(e.moe_layer, e.expert) for e in trainer.selection.experts}
+    assert chosen == planted  # K = 12.5% of 64 routed experts = 8, and detection finds the planted ones
+    assert (tmp_path / "out" / "safety_critical_experts.json").exists()
+    assert all(getattr(l.experts, "rasa_repairs", None) is not None for l in moe_layers(trainer.model))

@@ -194,8 +194,9 @@ def generate_batch(
 ) -> GenerationBatch:
     """Generate replies to one batch of chat conversations in a single ``generate`` call.
 
-    Greedy by default; with ``do_sample=True`` sampling is seeded with ``seed`` (the caller's RNG state is restored
-    afterwards). ``rows`` labels the conversations in the returned batch (default ``0..len-1``).
+    Greedy by default; with ``do_sample=True`` sampling uses ``temperature`` and ``top_p`` only (a checkpoint's own
+    ``top_k`` is switched off, so settings mean the same on every model) and is seeded with ``seed`` (the caller's RNG
+    state is restored afterwards). ``rows`` labels the conversations in the returned batch (default ``0..len-1``).
     """
     if not conversations:
         raise ValueError("no conversations to generate replies to")

@@ -38,12 +38,18 @@ measured training runs (``benchmarks/bench_memory.py``):
   and their effective weights ``S * P_e * b`` once per step;
 - router phase extra, every MoE layer: ``b*k*H`` (expert outputs, multiplied by differentiable weights) ``+ 4H``
   (the fp32 router input) ``+ 8E`` (fp32 scores and probabilities);
-- LM head (expert phase and full fine-tuning, TRL's chunked log-probabilities): ``b*H`` saved per token, and a
-  transient ``2 * 4 * V`` per token (fp32 logits and their gradient of one chunk of at most 32768 tokens);
-  the router phase keeps one position's logits only.
+- LM head (expert phase and full fine-tuning, TRL's chunked log-probabilities): ``b*H`` saved per token; in backward
+  a transient ``min(T, 4096) * 32768 * b`` (one logits tile, whose width is fixed) ``+ 4*T*H`` (the fp32 gradient of
+  the hidden states) ``+ 4*V*H`` for full fine-tuning (the fp32 gradient of the LM head weight); the router phase
+  keeps one position's logits only.
 - gradient checkpointing (one checkpoint per decoder layer): ``b*H`` per layer per token, plus one layer's
   activations (recomputed in backward) and the LM head.
 - the peak inside backward adds one layer's activations (the gradients flowing through it).
+- the optimiser step adds ``trainable * moment bytes`` of temporaries (torch's multi-tensor AdamW).
+
+The peak per phase is ``weights + optimiser state + max(activations + transient, gradients + step temporaries)``:
+gradients are allocated while backward frees the activations, so the two extremes are the start of backward and
+the optimiser step.
 Padding is counted (a padded batch is ``batch_size * seq_len`` tokens). ``num_processes`` counts data-parallel
 replicas (DDP): per-process memory is unchanged, and the "all processes" total is multiplied.
 """
@@ -62,7 +68,8 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 OPTIMIZERS = ("adamw", "adamw_8bit")
 EXPERT_TUNINGS = ("delta", "lora")
 SCHEDULES = ("alternate", "expert_only", "router_only")
-LM_HEAD_CHUNK = 32768  # TRL's chunk of positions per LM-head tile
+LM_HEAD_VOCAB_TILE = 32768  # TRL's chunked log-probabilities: vocabulary columns per tile
+LM_HEAD_TOKEN_TILE = 4096  # ... and token rows per tile
 
 
 @dataclass
@@ -77,10 +84,15 @@ class PhaseMemory:
     activations: int
     transient: int
     replay_cache: int
+    optimizer_step: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.activations + self.transient + self.replay_cache
+        """Peak: weights, optimiser state and device cache always; then the larger of the start of backward (saved
+        activations plus the backward transient) and the optimiser step (gradients plus the step's temporaries).
+        Gradients grow while activations are freed during backward, so the two never peak together."""
+        return (self.weights + self.optimizer_state + self.replay_cache
+                + max(self.activations + self.transient, self.gradients + self.optimizer_step))
 
 
 @dataclass
@@ -136,8 +148,9 @@ class MemoryEstimate:
             ("optimizer state", [_human(self.phases[n].optimizer_state) for n in names]),
             ("activations (saved)", [_human(self.phases[n].activations) for n in names]),
             ("transient (backward, LM head)", [_human(self.phases[n].transient) for n in names]),
+            ("optimizer step temporaries", [_human(self.phases[n].optimizer_step) for n in names]),
             ("replay cache on device", [_human(self.phases[n].replay_cache) for n in names]),
-            ("total per device", [_human(self.phases[n].total) for n in names]),
+            ("total per device (peak)", [_human(self.phases[n].total) for n in names]),
         ]
         if s["num_processes"] > 1:
             rows.append((f"total, {s['num_processes']} processes", [_human(self.phases[n].total * s["num_processes"]) for n in names]))
@@ -158,7 +171,8 @@ class MemoryEstimate:
         else:
             cache += f": {_human(self.replay_cache_bytes_per_token * self.replay_cache_copies * 10**6)} per 1M tokens"
         lines.append(cache)
-        lines.append("activations are an approximate formula (see rasa_trainer.memory); expect roughly +-15%.")
+        lines.append("peak = weights + optimizer state + max(activations + transient, gradients + optimizer step); "
+                     "activations are an approximate formula (see rasa_trainer.memory), expect roughly +-15%.")
         return "\n".join(lines)
 
     __str__ = format
@@ -262,6 +276,12 @@ def _optimizer_bytes(tensors: list[int], optimizer: str) -> int:
         return sum(8 * n + 4 for n in tensors)
     # bitsandbytes 8-bit AdamW: two uint8 moments plus one fp32 absmax per 256-value block (and a step counter)
     return sum(2 * n + 2 * 4 * math.ceil(n / 256) + 4 for n in tensors)
+
+
+def _step_temporaries(trainable: int, moment_bytes: int, optimizer: str) -> int:
+    """Temporaries of one optimiser step: torch's multi-tensor AdamW (the default on accelerators) builds the
+    denominator ``sqrt(v) / c + eps`` for all parameters at once; bitsandbytes' 8-bit AdamW works in place."""
+    return trainable * moment_bytes if optimizer == "adamw" else 0
 
 
 def _attention_dims(text_config) -> tuple[int, int, int]:
@@ -427,12 +447,14 @@ def estimate_memory(
     if has_expert:
         phases["expert"] = PhaseMemory(
             "expert", weights, trainable_expert, 4 * trainable_expert, opt_expert + (opt_router if both else 0),
-            acts["expert"], acts["expert_transient"], cache_on_device,
+            acts["expert"], acts["expert_transient"], cache_on_device, _step_temporaries(trainable_expert, 4, optimizer),
         )
     if has_router:
         phases["router"] = PhaseMemory(
             "router", weights, trainable_router, 4 * trainable_router, opt_router + (opt_expert if both else 0),
-            acts["router"], acts["router_transient"], cache_on_device if schedule == "alternate" else (cache_on_device // 2 if cache_on_device else 0),
+            acts["router"], acts["router_transient"],
+            cache_on_device if schedule == "alternate" else (cache_on_device // 2 if cache_on_device else 0),
+            _step_temporaries(trainable_router, 4, optimizer),
         )
     if optimizer == "adamw":
         full_opt = 2 * b * num_parameters + 4 * len(params)  # torch AdamW keeps its moments in the parameters' dtype
@@ -440,6 +462,7 @@ def estimate_memory(
         full_opt = _optimizer_bytes([p.numel() for p in params], optimizer)
     phases["full_sft"] = PhaseMemory(
         "full_sft", weight_bytes, num_parameters, b * num_parameters, full_opt, acts["full"], acts["full_transient"], 0,
+        _step_temporaries(num_parameters, b, optimizer),
     )
     settings = dict(
         expert_tuning=expert_tuning, lora_rank=lora_rank, dtype=str(dtype).replace("torch.", ""), optimizer=optimizer,
@@ -505,7 +528,12 @@ def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: i
     repair_path = b * share * sum(l.top_k * (2 * H + 4 * _expert_intermediate(l)) for l in layers)
     effective_weights = selected * params_per_expert * b
     lm_head_saved = b * H
-    lm_head_transient = 2 * 4 * V * min(T, LM_HEAD_CHUNK)
+    # TRL's chunked log-probabilities in backward: one [min(T, 4096), 32768] tile in the compute dtype (its width is
+    # fixed, whatever the vocabulary), the fp32 gradient of the hidden states, and for full fine-tuning the fp32
+    # gradient of the LM head weight. Every position is scored (on CUDA TRL scores the completion positions only,
+    # so this is an upper bound there).
+    lm_head_transient = min(T, LM_HEAD_TOKEN_TILE) * LM_HEAD_VOCAB_TILE * b + 4 * T * H
+    lm_head_weight_grad = 4 * V * H
 
     def phase(per_layer: list[float], extra_per_token: float, extra_fixed: float, lm_head: bool) -> tuple[int, int]:
         biggest = max(per_layer) if per_layer else 0.0
@@ -520,6 +548,7 @@ def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: i
         return int(saved), int(transient)
 
     full, full_t = phase(full_layers, 0.0, 0.0, True)
+    full_t += lm_head_weight_grad
     expert, expert_t = phase(frozen_layers, repair_path, effective_weights, True)
     router_layers = [f + r for f, r in zip(frozen_layers, router_extra)]
     router, router_t = phase(router_layers, 0.0, 0.0, False)

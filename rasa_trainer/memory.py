@@ -13,12 +13,16 @@ with :func:`rasa_trainer.moe.moe_layers`. Everything else follows from how :clas
 - **optimiser state**: AdamW = two fp32 moments per parameter plus a 4-byte step per tensor; 8-bit AdamW
   (bitsandbytes, block-wise) = two 1-byte moments plus an fp32 scale per 256-value block. With ``schedule=
   "alternate"`` the state of both groups is held from the second phase on (AdamW creates state lazily and keeps it).
-- **routing-replay cache**: ``L * k * (index bytes + weight bytes)`` per token (int16 indices up to 32767 experts,
-  top-k weights in the dtype the router returns them, i.e. ``dtype``); RASATrainer keeps two dataset-wide caches in
+- **routing-replay cache**: ``L * k * (index bytes + weight bytes)`` per token (int16 indices up to 32767 experts;
+  top-k weights as the router hands them on: in ``dtype`` when the routers are fp32 master weights, i.e. schedules
+  with a router phase, where RASATrainer casts them back; otherwise as the family's router returns them, which is
+  fp32 for Mixtral and DeepSeek-V3 even in a bf16 model, found by running a CPU copy of the router); RASATrainer keeps two dataset-wide caches in
   the schedules with an expert phase (the routing at the start of training, for the routing-shift metric, and the
   routing of the current expert phase), one in ``router_only``. They live on ``replay_cache_device`` (the CPU by
   default), so they are reported apart and only counted in the device totals when that device is not the CPU.
   ``replay_weights="recompute"`` stores the same cache (the weights are kept for resuming), so it does not change it.
+- **full SFT (reference column)**: every parameter trainable in ``dtype`` (gradients and torch AdamW moments in the
+  parameters' dtype), the model's own activations formula below.
 - **activations**: the tensors autograd saves for backward, from the approximate per-token formulas below, plus a
   transient term for the peak inside backward.
 
@@ -386,9 +390,10 @@ def estimate_memory(
     hidden = int(text_config.hidden_size)
     vocab = int(text_config.vocab_size)
 
-    params = list(model.parameters())  # shared (tied) parameters appear once
+    # shared (tied) parameters appear once; repairs already attached to a model passed in are not the model's own
+    params = [p for n, p in model.named_parameters() if ".rasa_repairs." not in n]
     num_parameters = sum(p.numel() for p in params)
-    buffer_bytes = sum(buf.numel() * buf.element_size() for buf in model.buffers())
+    buffer_bytes = sum(buf.numel() * buf.element_size() for n, buf in model.named_buffers() if ".rasa_repairs." not in n)
     weight_bytes = num_parameters * b + buffer_bytes
 
     # experts and routers

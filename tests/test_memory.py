@@ -44,9 +44,11 @@ def test_parameter_counts_equal_the_real_model(family):
 def test_trainable_parameters_equal_the_attached_repairs(family, mode):
     model = tiny_model(family)
     count = 5
+    own = sum(p.numel() for p in model.parameters())
     params = attach_repairs(model, _selection(model, count), mode=mode, rank=4)
     estimate = estimate_memory(model, count, expert_tuning=mode, lora_rank=4, dtype="float32", schedule="expert_only")
     assert estimate.trainable_parameters_expert == sum(p.numel() for p in params)
+    assert estimate.num_parameters == own  # attached repairs are not counted as the model's own parameters
     assert estimate.phases["expert"].trainable_parameters == estimate.trainable_parameters_expert
     assert estimate.phases["expert"].gradients == 4 * estimate.trainable_parameters_expert
 

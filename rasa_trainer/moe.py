@@ -395,7 +395,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 # Identified scoring rules, per router class, then per everything else the probe's outcome depends on (see
-# _rule_key). Probing costs a deep copy and a router forward; with this cache, moe_layers (called by every
+# _rule_key). Probing costs a router copy and a forward; with this cache, moe_layers (called by every
 # record_routing / replay_routing block) costs only a walk over the modules after the first call.
 _RULE_CACHE: "weakref.WeakKeyDictionary[type, dict[tuple, ScoringRule]]" = weakref.WeakKeyDictionary()
 _SCALARS = (bool, int, float, str, type(None))

@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--replay_weights", choices=["cached", "recompute"], default="cached")
     parser.add_argument("--schedule", choices=["alternate", "expert_only", "router_only"], default="alternate")
+    parser.add_argument("--device", default="cuda", help="training device type: cuda (or any accelerator) or cpu")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON instead of a table")
     args = parser.parse_args()
 
@@ -84,7 +85,7 @@ def main() -> None:
         lora_rank=args.lora_rank, dtype=args.dtype, optimizer=args.optimizer, batch_size=args.batch_size,
         seq_len=args.seq_len, tokens_in_dataset=args.tokens_in_dataset,
         gradient_checkpointing=args.gradient_checkpointing, num_processes=args.num_processes,
-        replay_weights=args.replay_weights, schedule=args.schedule,
+        replay_weights=args.replay_weights, schedule=args.schedule, device=args.device,
     )
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.format())
 

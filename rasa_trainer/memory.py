@@ -49,7 +49,8 @@ measured training runs (``benchmarks/bench_memory.py``):
 - gradient checkpointing (one checkpoint per decoder layer): ``b*H`` per layer per token, plus one layer's
   activations (recomputed in backward) and the LM head.
 - the peak inside backward adds one layer's activations (the gradients flowing through it).
-- the optimiser step adds ``trainable * moment bytes`` of temporaries (torch's multi-tensor AdamW).
+- the optimiser step adds ``trainable * moment bytes`` of temporaries (torch's multi-tensor AdamW on accelerators;
+  ``device="cpu"``: twice the largest trainable tensor, as AdamW runs per tensor there).
 
 The peak per phase is ``weights + optimiser state + max(activations + transient, gradients + step temporaries)``:
 gradients are allocated while backward frees the activations, so the two extremes are the start of backward and
@@ -138,7 +139,7 @@ class MemoryEstimate:
             f"selected experts: {self.selected_experts} of {self.num_routed_experts} "
             f"({100 * self.selected_experts / self.num_routed_experts:.1f}%), {self.parameters_per_expert:,} parameters "
             f"each; expert tuning {s['expert_tuning']}" + (f" (rank {s['lora_rank']})" if s["expert_tuning"] == "lora" else ""),
-            f"settings: schedule {s['schedule']}, optimizer {s['optimizer']}, batch {s['batch_size']} x {s['seq_len']} "
+            f"settings: schedule {s['schedule']}, optimizer {s['optimizer']} on {s['device']}, batch {s['batch_size']} x {s['seq_len']} "
             f"tokens per device, gradient checkpointing {s['gradient_checkpointing']}, {s['num_processes']} process(es), "
             f"replay weights {s['replay_weights']}, cache on {s['replay_cache_device']}",
             "",
@@ -282,10 +283,13 @@ def _optimizer_bytes(tensors: list[int], optimizer: str) -> int:
     return sum(2 * n + 2 * 4 * math.ceil(n / 256) + 4 for n in tensors)
 
 
-def _step_temporaries(trainable: int, moment_bytes: int, optimizer: str) -> int:
-    """Temporaries of one optimiser step: torch's multi-tensor AdamW (the default on accelerators) builds the
-    denominator ``sqrt(v) / c + eps`` for all parameters at once; bitsandbytes' 8-bit AdamW works in place."""
-    return trainable * moment_bytes if optimizer == "adamw" else 0
+def _step_temporaries(trainable: int, largest: int, moment_bytes: int, optimizer: str, device: str) -> int:
+    """Temporaries of one optimiser step. torch's AdamW is multi-tensor on accelerators: it builds the denominator
+    ``sqrt(v) / c + eps`` for all parameters at once; on the CPU it runs one tensor at a time (two temporaries of the
+    largest tensor). bitsandbytes' 8-bit AdamW works in place."""
+    if optimizer != "adamw":
+        return 0
+    return 2 * largest * moment_bytes if device == "cpu" else trainable * moment_bytes
 
 
 def _attention_dims(text_config) -> tuple[int, int, int]:
@@ -348,6 +352,7 @@ def estimate_memory(
     replay_weights: str = "cached",
     schedule: str = "alternate",
     replay_cache_device: str = "cpu",
+    device: str = "cuda",
 ) -> MemoryEstimate:
     """Predict the memory of a RASA run, per phase and per device.
 
@@ -366,6 +371,8 @@ def estimate_memory(
         replay_weights: as ``RASAConfig.replay_weights`` (does not change the cache; see the module docstring).
         schedule: ``"alternate"`` (default), ``"expert_only"`` or ``"router_only"``.
         replay_cache_device: where the caches live (``RASAConfig.replay_cache_device``, CPU by default).
+        device: the training device type (``"cuda"`` or any accelerator, or ``"cpu"``); it only changes the optimiser
+            step's temporaries (torch's AdamW is multi-tensor on accelerators and per tensor on the CPU).
 
     Returns a :class:`MemoryEstimate`; ``print(estimate.format())`` shows the table.
     """
@@ -412,6 +419,13 @@ def estimate_memory(
         per_selected = round(sum(x * l.num_experts for x, l in zip(lora, layers)) / num_routed)
         expert_tensors_per_layer = [2 * sum(getattr(l.experts, n).dim() == 3 for n in l.expert_parameter_names()) for l in layers]
     trainable_expert = selected * per_selected
+    # the largest repair tensor: one fused parameter's slices of the selected experts of one layer (spread evenly)
+    per_layer_selected = math.ceil(selected / len(layers))
+    if expert_tuning == "delta":
+        largest_repair = per_layer_selected * max(getattr(l.experts, n)[0].numel() for l in layers for n in l.expert_parameter_names())
+    else:
+        largest_repair = per_layer_selected * lora_rank * max(max(getattr(l.experts, n).shape[1:]) for l in layers
+                                                              for n in l.expert_parameter_names() if getattr(l.experts, n).dim() == 3)
     router_params = [p for layer in layers for p in layer.router.parameters()]
     trainable_router = sum(p.numel() for p in router_params)
 
@@ -452,14 +466,15 @@ def estimate_memory(
     if has_expert:
         phases["expert"] = PhaseMemory(
             "expert", weights, trainable_expert, 4 * trainable_expert, opt_expert + (opt_router if both else 0),
-            acts["expert"], acts["expert_transient"], cache_on_device, _step_temporaries(trainable_expert, 4, optimizer),
+            acts["expert"], acts["expert_transient"], cache_on_device,
+            _step_temporaries(trainable_expert, largest_repair, 4, optimizer, device),
         )
     if has_router:
         phases["router"] = PhaseMemory(
             "router", weights, trainable_router, 4 * trainable_router, opt_router + (opt_expert if both else 0),
             acts["router"], acts["router_transient"],
             cache_on_device if schedule == "alternate" else (cache_on_device // 2 if cache_on_device else 0),
-            _step_temporaries(trainable_router, 4, optimizer),
+            _step_temporaries(trainable_router, max(p.numel() for p in router_params), 4, optimizer, device),
         )
     if optimizer == "adamw":
         full_opt = 2 * b * num_parameters + 4 * len(params)  # torch AdamW keeps its moments in the parameters' dtype
@@ -467,13 +482,13 @@ def estimate_memory(
         full_opt = _optimizer_bytes([p.numel() for p in params], optimizer)
     phases["full_sft"] = PhaseMemory(
         "full_sft", weight_bytes, num_parameters, b * num_parameters, full_opt, acts["full"], acts["full_transient"], 0,
-        _step_temporaries(num_parameters, b, optimizer),
+        _step_temporaries(num_parameters, max(p.numel() for p in params), b, optimizer, device),
     )
     settings = dict(
         expert_tuning=expert_tuning, lora_rank=lora_rank, dtype=str(dtype).replace("torch.", ""), optimizer=optimizer,
         batch_size=batch_size, seq_len=seq_len, tokens_in_dataset=tokens_in_dataset,
         gradient_checkpointing=gradient_checkpointing, num_processes=num_processes, replay_weights=replay_weights,
-        schedule=schedule, replay_cache_device=replay_cache_device, index_bytes=index_bytes,
+        schedule=schedule, replay_cache_device=replay_cache_device, device=device, index_bytes=index_bytes,
         weight_bytes=weight_bytes_cached,
     )
     return MemoryEstimate(

@@ -112,6 +112,10 @@ def test_optimizer_state_and_phase_totals():
         assert phase.total == (phase.weights + phase.optimizer_state + phase.replay_cache
                                + max(phase.activations + phase.transient, phase.gradients + phase.optimizer_step))
     assert alternate.phases["expert"].total < alternate.phases["full_sft"].total
+    # torch's AdamW is multi-tensor on accelerators (temporaries for every parameter) and per tensor on the CPU
+    on_cpu = estimate_memory(config, 4, dtype="bfloat16", device="cpu")
+    assert on_cpu.phases["full_sft"].optimizer_step < alternate.phases["full_sft"].optimizer_step
+    assert alternate.phases["full_sft"].optimizer_step == 2 * alternate.num_parameters
 
 
 def test_activations_scale_with_tokens_and_checkpointing_saves_memory():

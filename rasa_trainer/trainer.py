@@ -52,6 +52,9 @@ class RASAPhaseCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._on_train_begin()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._restore_router_logits_setting()
+
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is fractional when resuming mid-epoch; the tolerance absorbs float sums like 0.999999
         self.trainer._begin_phase(math.floor(state.epoch + 1e-6))
@@ -158,6 +161,9 @@ class RASATrainer(SFTTrainer):
         self._resumed: dict[str, Any] = {}
         self._groups: dict[str, list[nn.Parameter]] = {}
         self.selection = None
+        # TRL switches output_router_logits on for its load-balancing loss; the config is restored after training
+        # (left on, it is saved with the model and batched generation with it fails in transformers)
+        self._router_logits_setting = _output_router_logits(model)
         with _repairs_count_as_adapters(model, args):
             super().__init__(
                 model, args=args, data_collator=data_collator, train_dataset=_training_rows(train_dataset, args),
@@ -214,6 +220,11 @@ class RASATrainer(SFTTrainer):
         text_config = unwrap_model(self.model).config.get_text_config()
         if hasattr(text_config, "output_router_logits"):
             text_config.output_router_logits = False
+
+    def _restore_router_logits_setting(self) -> None:
+        text_config = unwrap_model(self.model).config.get_text_config()
+        if hasattr(text_config, "output_router_logits"):
+            text_config.output_router_logits = self._router_logits_setting
 
     def _resolve_selection(self, selection):
         if self.args.rasa_schedule not in ("alternate", "expert_only"):
@@ -531,6 +542,13 @@ class RASATrainer(SFTTrainer):
         from .utils import atomic_write_text
 
         atomic_write_text(text, os.path.join(output_dir, "README.md"))
+
+
+def _output_router_logits(model) -> bool:
+    """The model's own output_router_logits setting (False for a model id: configs default to it)."""
+    if isinstance(model, str):
+        return False
+    return bool(getattr(model.config.get_text_config(), "output_router_logits", False))
 
 
 def _register_zero3_leaf_modules(model: nn.Module) -> None:

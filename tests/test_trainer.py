@@ -364,3 +364,13 @@ def test_trainer_detects_experts_when_none_are_given(tmp_path):
     assert chosen == planted  # K = 12.5% of 64 routed experts = 8, and detection finds the planted ones
     assert (tmp_path / "out" / "safety_critical_experts.json").exists()
     assert all(getattr(l.experts, "rasa_repairs", None) is not None for l in moe_layers(trainer.model))
+
+
+def test_router_logits_setting_restored_after_training(tmp_path):
+    """TRL turns output_router_logits on for its aux loss; left on, it would be saved and break batched generation."""
+    for schedule in ("full", "alternate"):
+        trainer = make_trainer(tmp_path / schedule, "qwen3_moe", rasa_schedule=schedule)
+        trainer.train()
+        assert trainer.model.config.output_router_logits is False
+        batch = trainer.processing_class(["how do i", "tell me step one two"], return_tensors="pt", padding=True)
+        trainer.model.eval().generate(**batch, max_new_tokens=2, do_sample=False)

@@ -7,6 +7,7 @@ Public API (everything else is private):
 - evaluation: :func:`evaluate_safety` (returns a :class:`SafetyReport`)
 - discovery and routing: :func:`moe_layers`, :func:`record_routing`, :func:`replay_routing`
 - judges: :class:`RefusalKeywordJudge`, :class:`ClassifierJudge`, :class:`GuardModelJudge`
+- planning: :func:`estimate_memory`
 """
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ from .config import RASAConfig
 from .detection import detect_safety_critical_experts
 from .evaluation import SafetyReport, evaluate_safety
 from .judges import ClassifierJudge, GuardModelJudge, Judge, JudgeError, RefusalKeywordJudge
+from .memory import MemoryEstimate, estimate_memory
 from .moe import MoELayer, moe_layers
 from .routing import Routing, real_tokens, record_routing, replay_routing
 from .selection import SafetyCriticalExperts
@@ -25,6 +27,7 @@ __all__ = [
     "GuardModelJudge",
     "Judge",
     "JudgeError",
+    "MemoryEstimate",
     "MoELayer",
     "RASAConfig",
     "RASATrainer",
@@ -34,6 +37,7 @@ __all__ = [
     "SafetyReport",
     "evaluate_safety",
     "detect_safety_critical_experts",
+    "estimate_memory",
     "moe_layers",
     "real_tokens",
     "record_routing",

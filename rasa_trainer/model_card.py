@@ -61,7 +61,7 @@ def render_model_card(trainer, model_name: str, dataset_name: str | None = None,
         selection=_selection_summary(trainer.selection),
         schedule=args.rasa_schedule,
         hyperparameters=[(k, _plain(getattr(args, k))) for k in _HYPERPARAMETERS],
-        evaluation=sorted((evaluation_results or {}).items()),
+        evaluation=sorted((k, round(v, 4) if isinstance(v, float) else v) for k, v in (evaluation_results or {}).items()),
         citation=trainer._paper["citation"],
     )
 

@@ -395,7 +395,6 @@ def estimate_memory(
     layers = moe_layers(model)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = int(text_config.hidden_size)
-    vocab = int(text_config.vocab_size)
 
     # shared (tied) parameters appear once; repairs already attached to a model passed in are not the model's own
     params = [p for n, p in model.named_parameters() if ".rasa_repairs." not in n]

@@ -6,21 +6,13 @@ import io
 import os
 from typing import Any, Mapping, Sequence
 
-from .utils import _atomic_write
+from .utils import atomic_write
 
 
 def _figure_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()
-
-
-def _write_png(data: bytes, path: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _atomic_write(path, write)
 
 
 def plot_phase_losses(log_history: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -45,7 +37,7 @@ def plot_phase_losses(log_history: Sequence[Mapping[str, Any]], path: str) -> No
         if not steps:
             ax.text(0.5, 0.5, "phase not run", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    _write_png(_figure_bytes(fig), path)
+    atomic_write(path, _figure_bytes(fig))
     plt.close(fig)
 
 
@@ -69,7 +61,7 @@ def plot_asr(before: Mapping[str, float], after: Mapping[str, float], path: str,
     ax.set_title("ASR per attack family (* = held out)", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    _write_png(_figure_bytes(fig), path)
+    atomic_write(path, _figure_bytes(fig))
     plt.close(fig)
 
 

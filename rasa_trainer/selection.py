@@ -16,13 +16,11 @@ more an integral count. The authors used 12.5% and threshold 0.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from .moe import moe_layers, unwrap_model
+from .utils import atomic_write
 from .statistics import ExpertStatistics, top_ranked
 
 POLICIES = ("global_topk", "per_layer_topk", "batch_union", "per_layer_top_p", "random")
@@ -428,24 +427,6 @@ def _model_type(model) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ artifacts
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, then ``os.replace``, so
-    readers never see a half-written file."""
-    path = Path(path)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 CSV_COLUMNS = (

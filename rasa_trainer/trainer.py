@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from .moe import moe_layers, unwrap_model
 from .repairs import attach_repairs, merged_state_dict, repair_modules
 from .replay_cache import RoutingCache, assignment_shift
 from .routing import record_routing, replay_routing
-from .utils import atomic_save_safetensors, atomic_write_json
+from .utils import atomic_save_safetensors, atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -539,9 +538,7 @@ class RASATrainer(SFTTrainer):
             self, model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
             dataset_name=dataset_name, tags=tags, evaluation_results=evaluation_results or getattr(self, "evaluation_results", None),
         )
-        from .utils import atomic_write_text
-
-        atomic_write_text(text, os.path.join(output_dir, "README.md"))
+        atomic_write(os.path.join(output_dir, "README.md"), text)
 
 
 def _output_router_logits(model) -> bool:

@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import FAMILIES, tiny_model
+from conftest import tiny_model
 from rasa_trainer import moe_layers
 
 EXPECTED_RULES = {
-    "olmoe": ("softmax", False),
-    "qwen2_moe": ("softmax", False),
-    "qwen3_moe": ("softmax", True),
+    "olmoe": ("softmax", None),  # None: renormalised iff the config's norm_topk_prob
+    "qwen2_moe": ("softmax", None),
+    "qwen3_moe": ("softmax", None),
     "mixtral": ("softmax", True),
     "deepseek_v3": ("sigmoid", True),
     "gpt_oss": ("softmax", True),  # top-k then softmax == softmax, top-k, renormalise
@@ -29,7 +29,7 @@ def test_discovery_finds_every_moe_layer(family):
         assert (layer.num_experts, layer.top_k) == (8, 2)
         assert layer.first_output == "logits"
         kind, normalize = EXPECTED_RULES[family]
-        normalize = getattr(model.config, "norm_topk_prob", normalize) if kind == "softmax" and family in ("olmoe", "qwen2_moe", "qwen3_moe") else normalize
+        normalize = model.config.norm_topk_prob if normalize is None else normalize
         assert (layer.scoring, layer.rule.normalize) == (kind, normalize)
         assert dict(model.named_modules())[layer.router_name] is layer.router
         assert layer.experts.down_proj.shape[0] == 8

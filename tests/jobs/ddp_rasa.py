@@ -9,7 +9,6 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 

@@ -49,7 +49,7 @@ from rasa_trainer import RASAConfig, RASATrainer, SafetyCriticalExperts, SafetyR
 from rasa_trainer.evaluation import format_comparison
 from rasa_trainer.selection import SelectionConfig, select_experts
 from rasa_trainer.steering import steer_away
-from rasa_trainer.utils import atomic_write_json, atomic_write_text
+from rasa_trainer.utils import atomic_write, atomic_write_json
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "safety_world.yaml")
 METHODS = ("full", "expert_only", "router_only", "random_experts", "steering", "rasa")
@@ -319,8 +319,8 @@ def main(argv=None) -> dict[str, Any]:
     }
     os.makedirs(args.output_dir, exist_ok=True)
     atomic_write_json(results, os.path.join(args.output_dir, "compare_results.json"))
-    atomic_write_text(f"`{command}`\n\n{header}\n\n```\n{table}\n```\n\nSpread over seeds (min-max, %)\n\n```\n{spreads}\n```\n",
-                      os.path.join(args.output_dir, "comparison.md"))
+    atomic_write(os.path.join(args.output_dir, "comparison.md"),
+                 f"`{command}`\n\n{header}\n\n```\n{table}\n```\n\nSpread over seeds (min-max, %)\n\n```\n{spreads}\n```\n")
     logger.info("results in %s (%.0f s)", args.output_dir, total)
     return results
 

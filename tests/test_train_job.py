@@ -71,3 +71,17 @@ def test_published_model_reloads(job):
                                  max_new_tokens=16, progress=False)
     results = json.loads((out / "results.json").read_text())
     assert abs(report.asr_aligned - results["after"]["asr_aligned"]) <= 2 / len(attacks)
+
+
+def test_compare_quick_runs_baselines_side_by_side(tmp_path):
+    """`examples/compare.py --quick` on a subset of methods writes one table with a column per method."""
+    cmd = [sys.executable, str(ROOT / "examples" / "compare.py"), "--quick", "--output_dir", str(tmp_path),
+           "--methods", "rasa", "steering", "router_only"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"compare.py failed:\n{proc.stderr[-6000:]}"
+    results = json.loads((tmp_path / "compare_results.json").read_text())
+    assert set(results["summary"]) == {"base", "steering", "router only", "RASA"}
+    base, rasa = results["summary"]["base"], results["summary"]["RASA"]
+    assert rasa["asr_aligned"]["mean"] < base["asr_aligned"]["mean"]
+    assert (tmp_path / "comparison.md").exists()

@@ -18,9 +18,9 @@ with :func:`rasa_trainer.moe.moe_layers`. Everything else follows from how :clas
   with a router phase, where RASATrainer casts them back; otherwise as the family's router returns them, which is
   fp32 for Mixtral and DeepSeek-V3 even in a bf16 model, found by running a CPU copy of the router); RASATrainer keeps two dataset-wide caches in
   the schedules with an expert phase (the routing at the start of training, for the routing-shift metric, and the
-  routing of the current expert phase), one in ``router_only``. They live on ``replay_cache_device`` (the CPU by
+  routing of the current expert phase), one in ``router_only``. The run-start routing keeps indices only, and the
+  phase cache keeps weights only with ``replay_weights="cached"``. They live on ``replay_cache_device`` (the CPU by
   default), so they are reported apart and only counted in the device totals when that device is not the CPU.
-  ``replay_weights="recompute"`` stores the same cache (the weights are kept for resuming), so it does not change it.
 - **full SFT (reference column)**: every parameter trainable in ``dtype`` (gradients and torch AdamW moments in the
   parameters' dtype), the model's own activations formula below.
 - **activations**: the tensors autograd saves for backward, from the approximate per-token formulas below, plus a
@@ -120,6 +120,7 @@ class MemoryEstimate:
     replay_cache_bytes_per_token: int
     replay_cache_copies: int
     replay_cache_bytes: int | None
+    replay_initial_bytes_per_token: int
     phases: dict[str, PhaseMemory]
     settings: dict = field(default_factory=dict)
 
@@ -166,15 +167,17 @@ class MemoryEstimate:
         for label, values in rows:
             lines.append("  ".join([label.ljust(widths[0]), *(v.rjust(w) for v, w in zip(values, widths[1:]))]))
         lines.append("")
+        weight = f" + {s['weight_bytes']} B weight" if s["replay_weights"] == "cached" else ""
         cache = (
             f"routing-replay cache: {self.replay_cache_bytes_per_token} B per token "
-            f"(= {self.num_moe_layers} layers x top-{self.top_k} x ({s['index_bytes']} B index + {s['weight_bytes']} B weight)), "
-            f"{self.replay_cache_copies} dataset-wide cop{'y' if self.replay_cache_copies == 1 else 'ies'} on {s['replay_cache_device']}"
+            f"(= {self.num_moe_layers} layers x top-{self.top_k} x ({s['index_bytes']} B index{weight})), plus the "
+            f"run-start routing, indices only ({self.replay_initial_bytes_per_token} B per token), on {s['replay_cache_device']}"
         )
+        per_token = self.replay_cache_bytes_per_token * (self.replay_cache_copies - 1) + self.replay_initial_bytes_per_token
         if self.replay_cache_bytes is not None:
             cache += f": {_human(self.replay_cache_bytes)} for {s['tokens_in_dataset']:,} tokens"
         else:
-            cache += f": {_human(self.replay_cache_bytes_per_token * self.replay_cache_copies * 10**6)} per 1M tokens"
+            cache += f": {_human(per_token * 10**6)} per 1M tokens"
         lines.append(cache)
         lines.append("peak = weights + optimizer state + max(activations + transient, gradients + optimizer step); "
                      "activations are an approximate formula (see rasa_trainer.memory), expect roughly +-15%.")
@@ -368,7 +371,7 @@ def estimate_memory(
         tokens_in_dataset: training tokens, for the size of the routing-replay cache.
         gradient_checkpointing: as ``SFTConfig.gradient_checkpointing`` (True by default there).
         num_processes: data-parallel processes (each holds a full replica and the full caches).
-        replay_weights: as ``RASAConfig.replay_weights`` (does not change the cache; see the module docstring).
+        replay_weights: as ``RASAConfig.replay_weights`` ("recompute" stores no weights in the cache).
         schedule: ``"alternate"`` (default), ``"expert_only"`` or ``"router_only"``.
         replay_cache_device: where the caches live (``RASAConfig.replay_cache_device``, CPU by default).
         device: the training device type (``"cuda"`` or any accelerator, or ``"cpu"``); it only changes the optimiser
@@ -442,9 +445,14 @@ def estimate_memory(
     # when routers are fp32 master weights (schedules with a router phase); otherwise some families (Mixtral,
     # DeepSeek-V3) return fp32 weights from a bf16 model
     weight_bytes_cached = b if schedule != "expert_only" else _router_weight_bytes(layers[0].router, hidden, dtype, b)
-    per_token = sum(l.top_k for l in layers) * (index_bytes + weight_bytes_cached)
+    slots = sum(l.top_k for l in layers)
+    # the phase cache keeps weights only when they are replayed; the run-start routing (routing-shift metric) keeps
+    # indices only
+    per_token = slots * (index_bytes + (weight_bytes_cached if replay_weights == "cached" else 0))
+    initial_per_token = slots * index_bytes
     copies = 1 if schedule == "router_only" else 2
-    cache_total = None if tokens_in_dataset is None else per_token * tokens_in_dataset * copies
+    all_per_token = initial_per_token + (per_token if copies == 2 else 0)
+    cache_total = None if tokens_in_dataset is None else all_per_token * tokens_in_dataset
     cache_on_device = 0
     if replay_cache_device != "cpu":
         if tokens_in_dataset is None:
@@ -496,7 +504,8 @@ def estimate_memory(
         num_experts=layers[0].num_experts, top_k=top_k, num_routed_experts=num_routed, selected_experts=selected,
         parameters_per_expert=params_per_expert, trainable_parameters_expert=trainable_expert,
         trainable_parameters_router=trainable_router, replay_cache_bytes_per_token=per_token,
-        replay_cache_copies=copies, replay_cache_bytes=cache_total, phases=phases, settings=settings,
+        replay_cache_copies=copies, replay_cache_bytes=cache_total, replay_initial_bytes_per_token=initial_per_token,
+        phases=phases, settings=settings,
     )
 
 

@@ -307,7 +307,9 @@ class RASATrainer(SFTTrainer):
 
     def _on_train_begin(self) -> None:
         if self._initial_routing is None and self.args.rasa_schedule != "full":
-            self._initial_routing = self._resumed.pop("initial_routing", None) or self._record_routing("initial routing")
+            # indices only: the run-start routing feeds the routing-shift metric and is never replayed
+            self._initial_routing = self._resumed.pop("initial_routing", None) or self._record_routing(
+                "initial routing", keep_weights=False)
 
     def _begin_phase(self, epoch: int) -> None:
         phase = self.phase_of_epoch(epoch)
@@ -321,18 +323,20 @@ class RASATrainer(SFTTrainer):
             if resumed is not None and resumed[0] == epoch:
                 self._routing_cache = resumed[1]
             else:
-                self._routing_cache = self._record_routing(f"routing of epoch {epoch}")
+                # the weights are only replayed in "cached" mode; "recompute" takes them from the live routers
+                self._routing_cache = self._record_routing(
+                    f"routing of epoch {epoch}", keep_weights=self.args.replay_weights == "cached")
             shift = assignment_shift(self._routing_cache.indices, self._initial_routing.indices)
             self._metrics["train"]["routing_shift"].append(float(shift))
         logger.info("RASA: epoch %d runs the %s phase", epoch, phase)
 
-    def _record_routing(self, what: str) -> RoutingCache:
+    def _record_routing(self, what: str, keep_weights: bool) -> RoutingCache:
         """The routing of every training example under the current model (eval mode, no gradients)."""
         model, was_training = self.model, self.model.training
         model.eval()
         try:
             batches = self._ordered_batches()
-            cache = RoutingCache.record(model, batches, device=self.args.replay_cache_device)
+            cache = RoutingCache.record(model, batches, device=self.args.replay_cache_device, keep_weights=keep_weights)
         finally:
             model.train(was_training)
         logger.info("RASA: recorded %s for %d examples (%d B per token)", what, cache.num_examples, cache.nbytes_per_token())

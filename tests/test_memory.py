@@ -82,9 +82,14 @@ def test_cache_bytes_per_token_formula(dtype, weight_bytes):
     L, k = 2, 2
     assert estimate.replay_cache_bytes_per_token == L * k * (2 + weight_bytes)
     assert estimate.replay_cache_copies == 2  # initial routing + the expert phase's routing
-    assert estimate.replay_cache_bytes == 2 * 1000 * L * k * (2 + weight_bytes)
+    # the expert phase's cache with weights, the run-start routing with indices only
+    assert estimate.replay_cache_bytes == 1000 * (L * k * (2 + weight_bytes) + L * k * 2)
+    recompute = estimate_memory(config, 2, dtype=dtype, tokens_in_dataset=1000, replay_weights="recompute")
+    assert recompute.replay_cache_bytes_per_token == L * k * 2
+    assert recompute.replay_cache_bytes == 1000 * 2 * L * k * 2
     router_only = estimate_memory(config, 2, dtype=dtype, tokens_in_dataset=1000, schedule="router_only")
     assert router_only.replay_cache_copies == 1
+    assert router_only.replay_cache_bytes == 1000 * L * k * 2
 
 
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3"])
@@ -94,6 +99,9 @@ def test_cache_bytes_per_token_equal_the_recorded_cache(family, dtype):
     cache = RoutingCache.record(model, [batch()])
     estimate = estimate_memory(model, 2, dtype=dtype, schedule="expert_only")
     assert estimate.replay_cache_bytes_per_token == cache.nbytes_per_token()
+    indices_only = RoutingCache.record(model, [batch()], keep_weights=False)
+    recompute = estimate_memory(model, 2, dtype=dtype, schedule="expert_only", replay_weights="recompute")
+    assert recompute.replay_cache_bytes_per_token == indices_only.nbytes_per_token() == recompute.replay_initial_bytes_per_token
 
 
 def test_optimizer_state_and_phase_totals():

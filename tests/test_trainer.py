@@ -374,3 +374,14 @@ def test_router_logits_setting_restored_after_training(tmp_path):
         assert trainer.model.config.output_router_logits is False
         batch = trainer.processing_class(["how do i", "tell me step one two"], return_tensors="pt", padding=True)
         trainer.model.eval().generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+def test_caches_keep_weights_only_when_replayed(tmp_path):
+    cached = make_trainer(tmp_path / "c", "qwen3_moe", rasa_schedule="expert_only")
+    cached.train()
+    assert cached._routing_cache.weights is not None and cached._initial_routing.weights is None
+    recompute = make_trainer(tmp_path / "r", "qwen3_moe", rasa_schedule="expert_only", replay_weights="recompute")
+    recompute.train()
+    assert recompute._routing_cache.weights is None
+    assert recompute._routing_cache.nbytes_per_token() == 2 * 2 * 2  # 2 MoE layers x top-2 x int16
+    assert any(h.get("completion_loss", 9) < cached.state.log_history[0]["completion_loss"] for h in recompute.state.log_history)

@@ -1,0 +1,335 @@
+"""``rasa-trainer train``: align a Mixture-of-Experts model with RASA end to end: detect (or load) the Safety-Critical
+Experts, train, save the merged checkpoint, reload it from disk and evaluate what was saved.
+
+With no arguments it runs the embedded SafetyWorld demo (``rasa_trainer/configs/safety_world.yaml``) on a CPU::
+
+    rasa-trainer train
+    accelerate launch -m rasa_trainer.cli train          # the same under accelerate
+
+For a real model, pass a model, your pairs (the dataset contract in the README) and a config::
+
+    accelerate launch --config_file multi_gpu.yaml -m rasa_trainer.cli train \\
+        --config examples/configs/olmoe_1b_7b_instruct.yaml --dataset_name pairs.jsonl --eval_sets eval_sets.json
+
+Writes into ``--output_dir``: safety_critical_experts.json, expert_stats.csv, risk_difference.png (when it detects),
+results.json, phase_losses.png, asr_per_family.png (when it evaluates) and model/ (the merged checkpoint with its
+model card, which names the evaluated artefact).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .common import (
+    SAFETY_WORLD,
+    SAFETY_WORLD_CONFIG,
+    EvalSuite,
+    ModelLoadArguments,
+    UsageError,
+    build_judge,
+    check_at_least,
+    check_fraction,
+    check_judge,
+    check_model,
+    check_num_experts,
+    check_output_dir,
+    check_threshold,
+    dtype_name,
+    eval_suite,
+    load_eval_sets,
+    load_model,
+    load_pairs,
+    load_selection,
+    parse,
+    split_equals,
+)
+
+logger = logging.getLogger("rasa")
+SELECTION_FILE = "safety_critical_experts.json"
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0", "none", "")
+
+
+@dataclass
+class TrainScriptArguments:
+    """Data, evaluation and selection arguments of ``rasa-trainer train`` (training arguments: ``RASAConfig``; model
+    arguments: ``ModelLoadArguments``; ``trust_remote_code`` is a ``RASAConfig`` field)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Pairs: a .json/.jsonl/.csv/.parquet file, a folder saved with Dataset.save_to_disk, a Hub "
+                          "dataset, or 'safety_world' (the embedded demo data, the default)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_sets: str | None = field(
+        default=None,
+        metadata={"help": "JSON file of evaluation sets (attacks, anchors, over_refusal, utility, wrapped_benign; see "
+                          "rasa_trainer.evaluate_safety) or 'safety_world'. Default: SafetyWorld's with SafetyWorld "
+                          "data, none otherwise."},
+    )
+    safety_critical_experts: str | None = field(
+        default=None,
+        metadata={"help": "A saved selection (safety_critical_experts.json from `rasa-trainer detect`). Default: the "
+                          "one in the checkpoint resumed from, else detect on the training pairs."},
+    )
+    judge: str | None = field(
+        default=None,
+        metadata={"help": "Judge of detection and evaluation: 'keyword', 'safety_world' or a local classifier/guard "
+                          "checkpoint. Default: SafetyWorld's exact judge for SafetyWorld data and evaluation sets, "
+                          "'keyword' otherwise."},
+    )
+    world_seed: int = field(default=0, metadata={"help": "Seed of the SafetyWorld data and evaluation sets."})
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "New tokens per reply in evaluation."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size of evaluation."})
+    skip_eval: bool = field(default=False, metadata={"help": "Skip the before/after evaluation."})
+    routing_diagnostics: bool = field(
+        default=True,
+        metadata={"help": "Routing shift and ASR under the base model's routing (keeps a copy of the base model)."},
+    )
+
+
+@dataclass
+class Inputs:
+    """Everything read and checked before the model is loaded."""
+
+    pairs: Any
+    suite: EvalSuite | None
+    detection_judge: str
+    selection: Any
+    resume: str | None
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def parse_args(argv: list[str] | None = None):
+    """``(script_args, training_args, model_args)``; with neither ``--config`` nor ``--model_name_or_path`` the
+    SafetyWorld demo config is the base."""
+    from ..config import RASAConfig
+
+    argv = split_equals(list(sys.argv[1:] if argv is None else argv), ("--config", "--model_name_or_path"))
+    if "--config" not in argv and "--model_name_or_path" not in argv:
+        argv = ["--config", str(SAFETY_WORLD_CONFIG), *argv]
+    return parse((TrainScriptArguments, RASAConfig, ModelLoadArguments), argv, "rasa-trainer train")
+
+
+def resolve_resume(value: Any, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: true = the latest checkpoint-* in ``output_dir``, false/unset = none, else a
+    folder that must exist."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or value is False or str(value).strip().lower() in FALSE_WORDS:
+        return None
+    if value is True or str(value).strip().lower() in TRUE_WORDS:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise UsageError(f"--resume_from_checkpoint true: there is no checkpoint-* folder in --output_dir "
+                             f"{output_dir} to resume from; give a checkpoint folder, or drop the flag to start afresh")
+        return last
+    folder = os.path.expanduser(str(value))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--resume_from_checkpoint {value}: no such folder; give a checkpoint-* folder written by "
+                         "the trainer, or true for the latest one in --output_dir")
+    return folder
+
+
+def check_values(script_args: TrainScriptArguments, args) -> None:
+    """Ranges of the numeric arguments, before anything is loaded."""
+    check_threshold("--sce_threshold", args.sce_threshold)
+    check_num_experts("--sce_num_experts", args.sce_num_experts)
+    check_fraction("--sce_top_p", args.sce_top_p)
+    check_at_least("--detection_batch_size", args.detection_batch_size, 1)
+    check_at_least("--detection_max_new_tokens", args.detection_max_new_tokens, 1)
+    if args.detection_do_sample and not args.detection_temperature > 0:
+        raise UsageError(f"--detection_temperature {args.detection_temperature}: sampling needs a temperature > 0")
+    check_at_least("--eval_batch_size", script_args.eval_batch_size, 1)
+    check_at_least("--eval_max_new_tokens", script_args.eval_max_new_tokens, 1)
+    check_at_least("--rasa_rounds", args.rasa_rounds, 1)
+
+
+def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments) -> Inputs:
+    """Check every argument and read every input file, so that mistakes fail before any model is loaded."""
+    from .common import torch_dtype
+
+    check_values(script_args, args)
+    torch_dtype(model_args.dtype)
+    check_model(model_args.model_name_or_path or SAFETY_WORLD)
+    check_judge(script_args.judge)
+    check_output_dir(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    selection = _selection(script_args, args, resume)
+    pairs = _pairs(script_args, args)
+    world_data = script_args.dataset_name in (None, SAFETY_WORLD)
+    detection_judge = script_args.judge or (SAFETY_WORLD if world_data else "keyword")
+    return Inputs(pairs, _suite(script_args, world_data), detection_judge, selection, resume)
+
+
+def _selection(script_args: TrainScriptArguments, args, resume: str | None):
+    if script_args.safety_critical_experts:
+        return load_selection(script_args.safety_critical_experts)
+    if resume and os.path.isfile(os.path.join(resume, SELECTION_FILE)):
+        logger.info("resuming with the selection saved in %s", resume)
+        return load_selection(os.path.join(resume, SELECTION_FILE), flag="the checkpoint's selection")
+    return None
+
+
+def _pairs(script_args: TrainScriptArguments, args):
+    if script_args.dataset_name in (None, SAFETY_WORLD):
+        from ..safety_world import make_world
+
+        return make_world(seed=script_args.world_seed).train_pairs()
+    return load_pairs(script_args.dataset_name, anchor_column=args.anchor_column,
+                      split=script_args.dataset_train_split, config=script_args.dataset_config)
+
+
+def _suite(script_args: TrainScriptArguments, world_data: bool) -> EvalSuite | None:
+    name = script_args.eval_sets or (SAFETY_WORLD if world_data else None)
+    if name is None:
+        return None
+    sets = load_eval_sets(name, world_seed=script_args.world_seed)
+    return eval_suite(name, sets, script_args.judge or (SAFETY_WORLD if world_data else None))
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def evaluate(model, tokenizer, suite: EvalSuite, script_args: TrainScriptArguments, base_model=None):
+    from ..evaluation import evaluate_safety
+
+    return evaluate_safety(
+        model, tokenizer, suite.sets, suite.judge, refusal_judge=suite.refusal_judge, base_model=base_model,
+        utility_check=suite.utility_check, batch_size=script_args.eval_batch_size,
+        max_new_tokens=script_args.eval_max_new_tokens,
+    )
+
+
+def detect(model, tokenizer, pairs, judge, args, is_main: bool):
+    from ..detection import detect_safety_critical_experts
+
+    return detect_safety_critical_experts(
+        model, tokenizer, pairs, judge=judge, anchor_column=args.anchor_column,
+        batch_size=args.detection_batch_size, max_new_tokens=args.detection_max_new_tokens,
+        do_sample=args.detection_do_sample, temperature=args.detection_temperature, seed=args.seed,
+        policy=args.sce_policy, num_experts=args.sce_num_experts, threshold=args.sce_threshold,
+        top_p_experts=args.sce_top_p, output_dir=args.output_dir if is_main else None,
+    )
+
+
+def release_training_memory(trainer) -> None:
+    """Drop the optimiser and, in a single process, move the trained model off the accelerator: the saved checkpoint
+    is evaluated in its place."""
+    import torch
+
+    trainer.optimizer, trainer.lr_scheduler = None, None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.args.world_size == 1 and next(model.parameters()).device.type != "cpu":
+        model.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_saved(model_dir: str, device, suite: EvalSuite, script_args: TrainScriptArguments, base_model,
+                   trust_remote_code: bool = False):
+    """Reload the published checkpoint from disk in the dtype it was saved in and evaluate that model."""
+    logger.info("evaluating the saved checkpoint %s", model_dir)
+    model, tokenizer = load_model(ModelLoadArguments(model_name_or_path=model_dir, dtype="auto"), device=device,
+                                  trust_remote_code=trust_remote_code)
+    report = evaluate(model, tokenizer, suite, script_args, base_model)
+    return report, {"path": model_dir, "dtype": dtype_name(model)}
+
+
+def card_results(report, artifact: dict[str, str]) -> dict[str, Any]:
+    metrics = {k: v for k, v in report.metrics().items() if v is not None}
+    metrics["evaluated_artifact"] = f"{artifact['path']} reloaded from disk ({artifact['dtype']})"
+    return metrics
+
+
+def write_results(results: dict, trainer, output_dir: str) -> None:
+    from ..reporting import plot_asr, plot_phase_losses
+    from ..utils import atomic_write_json
+
+    results["log_history"] = trainer.state.log_history
+    atomic_write_json(results, os.path.join(output_dir, "results.json"))
+    plot_phase_losses(trainer.state.log_history, os.path.join(output_dir, "phase_losses.png"))
+    if results["after"] is not None and results["before"] is not None:
+        plot_asr(results["before"]["asr_by_attack"], results["after"]["asr_by_attack"],
+                 os.path.join(output_dir, "asr_per_family.png"), held_out=results["after"]["held_out_attacks"])
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Run ``rasa-trainer train``; returns the results written to results.json on the main process."""
+    script_args, args, model_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    inputs = preflight(script_args, args, model_args)
+
+    from accelerate import PartialState
+
+    from ..evaluation import format_comparison
+    from ..trainer import RASATrainer
+
+    state = PartialState()
+    device = args.device
+    model, tokenizer = load_model(_with_default_model(model_args), device=device,
+                                  trust_remote_code=args.trust_remote_code)
+    evaluating = inputs.suite is not None and not script_args.skip_eval
+    base_model = copy.deepcopy(model) if evaluating and script_args.routing_diagnostics else None
+
+    before = None
+    if evaluating and state.is_main_process:
+        logger.info("evaluating the base model on %s", device)
+        before = evaluate(model, tokenizer, inputs.suite, script_args, base_model=None)
+    state.wait_for_everyone()
+
+    selection = inputs.selection
+    if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
+        judge = build_judge(inputs.detection_judge)
+        selection = detect(model, tokenizer, inputs.pairs, judge, args, state.is_main_process)
+
+    trainer = RASATrainer(model, args=args, train_dataset=inputs.pairs, processing_class=tokenizer,
+                          safety_critical_experts=selection)
+    trainer.train(resume_from_checkpoint=inputs.resume)
+    model_dir = os.path.join(args.output_dir, "model")
+    trainer.save_model(model_dir)
+
+    results = None
+    if state.is_main_process:
+        results = {"before": before.to_dict() if before else None, "after": None, "evaluated_artifact": None,
+                   "selection": selection.by_moe_layer() if selection is not None else None}
+        if evaluating:
+            release_training_memory(trainer)
+            after, artifact = evaluate_saved(model_dir, device, inputs.suite, script_args, base_model,
+                                              args.trust_remote_code)
+            results.update(after=after.to_dict(), evaluated_artifact=artifact)
+            trainer.evaluation_results = card_results(after, artifact)
+            trainer.create_model_card(model_name=os.path.basename(os.path.abspath(model_dir)), output_dir=model_dir,
+                                      dataset_name=script_args.dataset_name or SAFETY_WORLD,
+                                      evaluation_results=trainer.evaluation_results)
+            print(format_comparison({"base": before, "RASA (saved)": after}))
+        write_results(results, trainer, args.output_dir)
+        logger.info("results in %s", args.output_dir)
+    state.wait_for_everyone()
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name or SAFETY_WORLD)
+    return results
+
+
+def _with_default_model(model_args: ModelLoadArguments) -> ModelLoadArguments:
+    if model_args.model_name_or_path:
+        return model_args
+    return ModelLoadArguments(**{**vars(model_args), "model_name_or_path": SAFETY_WORLD})
+
+
+if __name__ == "__main__":
+    from . import main as cli_main
+
+    raise SystemExit(cli_main(["train", *sys.argv[1:]]))

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``rasa-trainer <subcommand> <arguments>``; a :class:`UsageError` exits with status 2 and its message."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -276,13 +276,12 @@ def test_journey_builds_pairs_and_detects(journey):
 def test_journey_trains_from_a_local_folder_and_evaluates_what_it_saved(journey):
     work, _, out = journey
     results = json.loads((work / "run" / "results.json").read_text())
-    assert results["evaluated_artifact"]["dtype"] == "bfloat16"  # reloaded as saved: the base folder is bf16
-    assert Path(results["evaluated_artifact"]["path"]).resolve() == (work / "run" / "model").resolve()
+    assert results["evaluated_artifact"] == {"path": str((work / "run" / "model").resolve()), "dtype": "bfloat16"}
     assert results["after"]["asr_aligned"] < results["before"]["asr_aligned"]
     card = (work / "run" / "model" / "README.md").read_text()
-    assert "evaluated_artifact" in card and "reloaded from disk (bfloat16)" in card
+    assert "| evaluated_artifact | this checkpoint as published, reloaded from disk in bfloat16 |" in card
     evaluated = json.loads((work / "run" / "model" / "results.json").read_text())
-    assert evaluated["evaluated_artifact"]["dtype"] == "bfloat16"
+    assert evaluated["evaluated_artifact"] == results["evaluated_artifact"]
     report = evaluated["report"]
     assert report["n_attacks"] == 224 and report["asr_aligned"] < 1.0  # SafetyWorld's sets by default
     assert "ASR, aligned families" in out["evaluate"]

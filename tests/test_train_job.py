@@ -1,5 +1,6 @@
-"""End to end: the demo job `examples/train.py` on SafetyWorld with one round writes every artifact, publishes a
-checkpoint that reloads with plain transformers and lowers attack success on the aligned families."""
+"""End to end: the demo job `examples/train.py` (= `rasa-trainer train`) on SafetyWorld with one round writes every
+artifact, publishes a checkpoint that reloads with plain transformers and lowers attack success on the aligned
+families; the "after" numbers are those of the saved checkpoint, reloaded from disk."""
 
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def test_aligned_attack_success_drops(job):
     assert results["selection"] and results["log_history"]
 
 
+def test_the_saved_checkpoint_is_what_was_evaluated(job):
+    out, stdout = job
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluated_artifact"] == {"path": str((out / "model").resolve()), "dtype": "float32"}
+    card = (out / "model" / "README.md").read_text()
+    assert "| evaluated_artifact | this checkpoint as published, reloaded from disk in float32 |" in card
+    assert f"| asr_aligned | {round(results['after']['asr_aligned'], 4)} |" in card
+    assert "RASA (saved)" in stdout
+
+
 def test_published_model_reloads(job):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,13 +75,16 @@ def test_published_model_reloads(job):
     model, info = AutoModelForCausalLM.from_pretrained(out / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    # the reloaded checkpoint is the aligned model: same aligned ASR as the job measured (greedy, same settings)
-    attacks = [row for row in make_world(seed=0).eval_sets()["attacks"] if not row["held_out"]]
+    # the reloaded checkpoint is the aligned model: the job's per-family ASR (it evaluated this checkpoint) on two
+    # aligned families (greedy, same settings; batches differ, so allow a reply or two of padding noise)
+    results = json.loads((out / "results.json").read_text())
+    families = ("role_play", "refusal_suppression")
+    attacks = [row for row in make_world(seed=0).eval_sets()["attacks"] if row["attack"] in families]
     with torch.no_grad():
         report = evaluate_safety(model.eval(), tokenizer, {"attacks": attacks}, SafetyWorldJudge(), batch_size=64,
                                  max_new_tokens=16, progress=False)
-    results = json.loads((out / "results.json").read_text())
-    assert abs(report.asr_aligned - results["after"]["asr_aligned"]) <= 2 / len(attacks)
+    for family in families:
+        assert abs(report.asr_by_attack[family] - results["after"]["asr_by_attack"][family]) <= 2 / 32, family
 
 
 def test_compare_quick_runs_baselines_side_by_side(tmp_path):

@@ -75,6 +75,11 @@ def _output_dir(args: EvaluationArguments, model_args: ModelArguments) -> str:
     return location
 
 
+def _artifact_path(name: str) -> str:
+    location = model_location(name)
+    return os.path.abspath(location) if os.path.isdir(location) else name
+
+
 def preflight(args: EvaluationArguments, model_args: ModelArguments) -> tuple[dict, str]:
     """Check the arguments and read the evaluation sets before any model is loaded."""
     check_at_least("--batch_size", args.batch_size, 1)
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         progress=not args.no_progress,
     )
     results = {
-        "evaluated_artifact": {"path": model_args.model_name_or_path, "dtype": dtype_name(model)},
+        "evaluated_artifact": {"path": _artifact_path(model_args.model_name_or_path), "dtype": dtype_name(model)},
         "eval_sets": args.eval_sets if args.eval_sets == SAFETY_WORLD else os.path.abspath(args.eval_sets),
         "base_model": args.base_model,
         "report": report.to_dict(include_replies=args.include_replies),

@@ -242,12 +242,12 @@ def evaluate_saved(model_dir: str, device, suite: EvalSuite, script_args: TrainS
     model, tokenizer = load_model(ModelLoadArguments(model_name_or_path=model_dir, dtype="auto"), device=device,
                                   trust_remote_code=trust_remote_code)
     report = evaluate(model, tokenizer, suite, script_args, base_model)
-    return report, {"path": model_dir, "dtype": dtype_name(model)}
+    return report, {"path": os.path.abspath(model_dir), "dtype": dtype_name(model)}
 
 
 def card_results(report, artifact: dict[str, str]) -> dict[str, Any]:
     metrics = {k: v for k, v in report.metrics().items() if v is not None}
-    metrics["evaluated_artifact"] = f"{artifact['path']} reloaded from disk ({artifact['dtype']})"
+    metrics["evaluated_artifact"] = f"this checkpoint as published, reloaded from disk in {artifact['dtype']}"
     return metrics
 
 

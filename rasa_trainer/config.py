@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ KL_DIRECTIONS = ("forward", "reverse", "symmetric")
 EXPERT_TUNINGS = ("delta", "lora")
 REPLAY_WEIGHTS = ("cached", "recompute")
 SELECTION_POLICIES = ("global_topk", "per_layer_topk", "batch_union", "per_layer_top_p", "random")
+ROUTER_LOSSES = ("pooled", "per_pair")
 
 
 @dataclass
@@ -49,6 +51,15 @@ class RASAConfig(SFTConfig):
         default="forward",
         metadata={"help": "Router-consistency KL: 'forward' = KL(anchor || adversarial), 'reverse' = "
                           "KL(adversarial || anchor), 'symmetric' = their mean.", "choices": list(KL_DIRECTIONS)},
+    )
+    router_loss: str = field(
+        default="pooled",
+        metadata={"help": "Router-consistency loss: 'pooled' (the authors') compares the token-mean router "
+                          "probabilities pooled over all anchors and all adversarial contexts of a micro-batch (per "
+                          "process); 'per_pair' compares each adversarial context with its own anchor and averages the "
+                          "KL over the pairs of the whole optimiser step (every micro-batch and process), so it does not "
+                          "depend on batch size, gradient accumulation or the number of processes.",
+                  "choices": list(ROUTER_LOSSES)},
     )
     expert_tuning: str = field(
         default="delta",
@@ -99,6 +110,16 @@ class RASAConfig(SFTConfig):
     lr_scheduler_type: str = field(
         default="constant", metadata={"help": "Learning-rate schedule (the authors used a constant rate)."}
     )
+    # TRL turns activation checkpointing on by default through the deprecated `gradient_checkpointing` name, which
+    # makes transformers warn on every construction; RASAConfig keeps TRL's default under the current name.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Activation (gradient) checkpointing; on unless set (as in SFTConfig). Reentrant "
+                          "checkpointing is not supported."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`, will be removed in v6."}
+    )
 
     def __post_init__(self):
         self._check_choices()
@@ -120,7 +141,15 @@ class RASAConfig(SFTConfig):
                 "packing and padding_free are not supported by RASATrainer: the anchor/adversarial pairs and the "
                 "routing replay cache need whole, unpacked rows. Set packing=False and padding_free=False."
             )
-        self._configure_checkpointing()
+        if self.rasa_schedule in ("alternate", "expert_only") and self.completion_only_loss is False:
+            raise ValueError(
+                "completion_only_loss=False would train the Safety-Critical Experts to reproduce the jailbreak prompts "
+                "(the expert phase learns the refusal only). Leave completion_only_loss unset (or True); "
+                "the schedules without an expert phase ('router_only', 'full') accept it."
+            )
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # SFTConfig's default, under the current name
+        self._warn_unused_learning_rate()
         if not self.use_cpu and not _accelerator_available():
             # Without an accelerator the run is on the CPU anyway, but only use_cpu=True makes accelerate form a gloo
             # process group: launched with several processes, each would otherwise train alone.
@@ -130,6 +159,8 @@ class RASAConfig(SFTConfig):
             # the phases train disjoint parameter sets, and a batch may route no token to some selected expert
             self.ddp_find_unused_parameters = True
         super().__post_init__()
+        # after transformers has mapped the deprecated gradient_checkpointing* names onto activation_checkpointing*
+        self._configure_checkpointing()
 
     @property
     def phases_per_round(self) -> int:
@@ -142,30 +173,64 @@ class RASAConfig(SFTConfig):
             ("expert_tuning", EXPERT_TUNINGS),
             ("replay_weights", REPLAY_WEIGHTS),
             ("sce_policy", SELECTION_POLICIES),
+            ("router_loss", ROUTER_LOSSES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(choices)}")
-        if self.rasa_rounds < 1:
-            raise ValueError(f"rasa_rounds={self.rasa_rounds}; it must be >= 1")
+        if isinstance(self.rasa_rounds, float) and self.rasa_rounds.is_integer():
+            self.rasa_rounds = int(self.rasa_rounds)
+        if isinstance(self.rasa_rounds, bool) or not isinstance(self.rasa_rounds, int) or self.rasa_rounds < 1:
+            raise ValueError(f"rasa_rounds={self.rasa_rounds!r}; it must be an integer >= 1 (a round is one epoch per phase)")
         for name in ("expert_learning_rate", "router_learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.expert_lora_rank < 1:
-            raise ValueError(f"expert_lora_rank={self.expert_lora_rank}; it must be >= 1")
-        if self.sce_num_experts <= 0:
-            raise ValueError(f"sce_num_experts={self.sce_num_experts}: give a count >= 1 or a fraction in (0, 1)")
+        for name in ("expert_lora_rank", "detection_batch_size", "detection_max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; it must be an integer >= 1")
+        if self.sce_num_experts <= 0 or (self.sce_num_experts >= 1 and not float(self.sce_num_experts).is_integer()):
+            raise ValueError(
+                f"sce_num_experts={self.sce_num_experts}: give a count (an integer >= 1) or a fraction in (0, 1)"
+            )
+        if not -1.0 <= self.sce_threshold <= 1.0:
+            raise ValueError(
+                f"sce_threshold={self.sce_threshold}: risk differences lie in [-1, 1], so the threshold must too"
+            )
+        if not 0.0 < self.sce_top_p <= 1.0:
+            raise ValueError(f"sce_top_p={self.sce_top_p}: it must be in (0, 1]")
+        if self.detection_do_sample and not self.detection_temperature > 0:
+            raise ValueError(f"detection_temperature={self.detection_temperature}: sampling needs a temperature > 0")
+        if not isinstance(self.default_refusal, str) or not self.default_refusal.strip():
+            raise ValueError(
+                "default_refusal is empty: rows without a completion would be trained toward an empty reply; give the "
+                "refusal text to train toward"
+            )
+
+    def _warn_unused_learning_rate(self) -> None:
+        default = type(self).__dataclass_fields__["learning_rate"].default
+        if self.learning_rate != default:
+            warnings.warn(
+                f"learning_rate={self.learning_rate} is not used by RASATrainer: the selected experts' repairs learn "
+                f"at expert_learning_rate={self.expert_learning_rate} (every weight in rasa_schedule='full') and the "
+                f"routers at router_learning_rate={self.router_learning_rate}. Set those instead.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _configure_checkpointing(self) -> None:
-        kwargs = dict(self.gradient_checkpointing_kwargs or {})
-        if self.gradient_checkpointing and kwargs.get("use_reentrant"):
+        """Reject reentrant checkpointing under either name (transformers has mapped the deprecated
+        ``gradient_checkpointing*`` onto ``activation_checkpointing*`` by now) and pin ``use_reentrant=False``."""
+        kwargs = dict(self.activation_checkpointing_kwargs or {})
+        if self.activation_checkpointing and kwargs.get("use_reentrant"):
             raise ValueError(
-                "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: reentrant checkpointing runs "
-                "the first forward without gradients, so the router phase could not read differentiable router "
-                "scores. Use use_reentrant=False (the default here)."
+                "activation_checkpointing_kwargs={'use_reentrant': True} (or the deprecated gradient_checkpointing_"
+                "kwargs) is not supported: reentrant checkpointing runs the first forward without gradients, so the "
+                "router phase could not read differentiable router scores. Use use_reentrant=False (the default here)."
             )
-        if self.gradient_checkpointing:
+        if self.activation_checkpointing:
             kwargs["use_reentrant"] = False
-            self.gradient_checkpointing_kwargs = kwargs
+            # one dict under both names, as transformers leaves them
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
 
 
 def _accelerator_available() -> bool:

@@ -157,17 +157,38 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _generation_mode(model: nn.Module, tokenizer) -> Iterator[None]:
-    """Eval mode and left padding for the duration of generation; both restored afterwards."""
+    """Eval mode, left padding and no router logits for the duration of generation; all restored afterwards.
+
+    A model loaded (or left by training) with ``output_router_logits=True`` computes its load-balancing loss in every
+    forward, which fails on left-padded batches in transformers; inference needs no router logits."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) first")
     was_training, padding_side = model.training, tokenizer.padding_side
+    configs = _router_logit_configs(model)
+    saved = [c.output_router_logits for c in configs]
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only models continue from the last position: pad on the left
     try:
+        for config in configs:
+            config.output_router_logits = False
         yield
     finally:
+        for config, value in zip(configs, saved):
+            config.output_router_logits = value
         model.train(was_training)
         tokenizer.padding_side = padding_side
+
+
+def _router_logit_configs(model: nn.Module) -> list:
+    """The model's configs that carry ``output_router_logits`` (the config and its text config, once each)."""
+    from .moe import unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return []
+    candidates = [config, config.get_text_config() if hasattr(config, "get_text_config") else config]
+    unique = {id(c): c for c in candidates if hasattr(c, "output_router_logits")}
+    return list(unique.values())
 
 
 def _check_settings(batch_size: int, max_new_tokens: int, min_new_tokens: int) -> None:

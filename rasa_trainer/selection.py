@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -373,6 +374,11 @@ class SafetyCriticalExperts:
             raise ValueError(f"{len(self.moe_layer_indices)} MoE layer indices for {self.num_moe_layers} MoE layers")
         seen = set()
         for e in self.experts:
+            for name in ("layer", "moe_layer", "expert"):
+                value = getattr(e, name)
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(f"a selected expert has {name}={value!r}; layer, MoE layer and expert ids must be "
+                                     f"integers")
             if not (0 <= e.moe_layer < self.num_moe_layers and 0 <= e.expert < self.num_experts):
                 raise ValueError(
                     f"expert {e.expert} of MoE layer {e.moe_layer} is outside the recorded shape "

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 from trl import SFTTrainer
@@ -31,15 +30,15 @@ from .config import RASAConfig
 from .data import as_messages, completion_text, validate_pairs
 from .model_card import render_model_card
 from .moe import moe_layers, unwrap_model
-from .repairs import attach_repairs, merged_state_dict, repair_modules
+from .repairs import attach_repairs, upcast_routers
 from .replay_cache import RoutingCache, assignment_shift
 from .routing import record_routing, replay_routing
-from .utils import atomic_save_safetensors, atomic_write, atomic_write_json
+from .saving import SELECTION_FILE, CheckpointingMixin
+from .utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
 PHASE_CODES = {"full": 0, "expert": 1, "router": 2}
-SELECTION_FILE = "safety_critical_experts.json"
 
 
 class RASAPhaseCallback(TrainerCallback):
@@ -53,6 +52,7 @@ class RASAPhaseCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._restore_router_logits_setting()
+        self.trainer._merge_after_training()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is fractional when resuming mid-epoch; the tolerance absorbs float sums like 0.999999
@@ -71,6 +71,7 @@ class _PairCollator:
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         anchors = [ex.pop("anchor_input_ids") for ex in examples] if "anchor_input_ids" in examples[0] else None
         rows = [ex.pop("rasa_index") for ex in examples] if "rasa_index" in examples[0] else None
+        prompt_lengths = [ex.pop("rasa_prompt_length") for ex in examples] if "rasa_prompt_length" in examples[0] else None
         batch = self.base(examples)
         if anchors is not None:
             width = max(len(a) for a in anchors)
@@ -82,6 +83,12 @@ class _PairCollator:
             batch["anchor_input_ids"], batch["anchor_attention_mask"] = ids, mask
         if rows is not None:
             batch["rasa_index"] = torch.tensor(rows, dtype=torch.long)
+        if prompt_lengths is not None:
+            # the context the router loss averages over: the prompt tokens (TRL's completion mask is 0 there; TRL pads
+            # on the right), independent of how `labels` are masked
+            positions = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+            lengths = torch.tensor(prompt_lengths, dtype=torch.long).unsqueeze(1)
+            batch["rasa_context_mask"] = (positions < lengths) & batch["attention_mask"].bool()
         return batch
 
 
@@ -110,11 +117,45 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension (one value per leading index)."""
     eps = 1e-12
-    return (p * ((p + eps).log() - (q + eps).log())).sum()
+    return (p * ((p + eps).log() - (q + eps).log())).sum(dim=-1)
 
 
-class RASATrainer(SFTTrainer):
+def _per_pair_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per example, the mean of ``values [B * T, E]`` over its positions where ``mask [B, T]`` is set: ``[B, E]``."""
+    batch, length = mask.shape
+    weights = mask.to(values.device, values.dtype).reshape(batch, length, 1)
+    counts = weights.sum(dim=1)
+    if (counts == 0).any():
+        raise ValueError("an example has no context tokens to average router probabilities over")
+    return (values.reshape(batch, length, -1) * weights).sum(dim=1) / counts
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _canonical_name(name: str) -> str:
+    """A parameter name without the prefixes DDP, torch.compile and FSDP wrappers add."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _with_param_groups(optimizer_cls, regroup):
+    """``optimizer_cls`` whose constructor regroups the parameter groups it is given (Trainer's decay / no-decay
+    groups) with ``regroup``; everything else, its name and module included, is the class Trainer chose."""
+
+    def __init__(self, params, *args, **kwargs):
+        optimizer_cls.__init__(self, regroup(list(params)), *args, **kwargs)
+
+    return type(optimizer_cls.__name__, (optimizer_cls,), {
+        "__init__": __init__, "__module__": optimizer_cls.__module__, "__qualname__": optimizer_cls.__qualname__,
+        "__doc__": optimizer_cls.__doc__,
+    })
+
+
+class RASATrainer(CheckpointingMixin, SFTTrainer):
     """Drop-in replacement for :class:`trl.SFTTrainer` that runs RASA.
 
     Same constructor as ``SFTTrainer`` plus ``safety_critical_experts`` (a
@@ -147,8 +188,15 @@ class RASATrainer(SFTTrainer):
                 "parameters. Use expert_tuning='lora' (with expert_lora_rank/alpha) instead, or use peft_config only "
                 "with rasa_schedule='full'."
             )
+        _reject_peft_model(model, args)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        if (kwargs.get("optimizers") or (None, None))[0] is not None and args.rasa_schedule != "full":
+            raise ValueError(
+                "optimizers=(optimizer, scheduler): an optimizer built before the trainer cannot hold the expert "
+                "repairs RASATrainer attaches, nor give each group its learning rate. Pass the optimizer class "
+                "instead, optimizer_cls_and_kwargs=(cls, kwargs), or choose it with `optim`/`optim_args`."
+            )
         validate_pairs(train_dataset, anchor_column=args.anchor_column)
         if eval_dataset is not None:
             validate_pairs(eval_dataset, anchor_column=args.anchor_column)
@@ -159,6 +207,8 @@ class RASATrainer(SFTTrainer):
         self._initial_routing: RoutingCache | None = None
         self._resumed: dict[str, Any] = {}
         self._groups: dict[str, list[nn.Parameter]] = {}
+        self._group_of_name: dict[str, str] = {}
+        self._pairs_in_step: int | None = None
         self.selection = None
         # TRL switches output_router_logits on for its load-balancing loss; the config is restored after training
         # (left on, it is saved with the model and batched generation with it fails in transformers)
@@ -173,7 +223,12 @@ class RASATrainer(SFTTrainer):
         if args.rasa_schedule != "full":
             self._disable_aux_loss()
         self.selection = self._resolve_selection(safety_critical_experts)
-        self._setup_parameter_groups()
+        if self._needs_detection():
+            # detection is deferred to the start of train(), on the model on the training device (TRL keeps
+            # construction cheap); it cannot run on weights FSDP or ZeRO-3 have sharded
+            self._check_detection_supported()
+        else:
+            self._setup_parameter_groups()
         self.add_callback(RASAPhaseCallback(self))
 
     # ---------------------------------------------------------------------------------------------------- data
@@ -186,7 +241,21 @@ class RASATrainer(SFTTrainer):
                 remove_columns=["rasa_anchor"],
                 desc=f"Tokenizing anchors of {dataset_name}",
             )
-        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if "anchor_input_ids" in dataset.column_names and "prompt" in dataset.column_names:
+            # Where the completion starts, exactly as TRL computes its completion mask (which it folds into `labels`
+            # and drops): the router loss reads its context from here, not from `labels`, so assistant_only_loss
+            # and multi-turn prompts do not change what the routers are trained on.
+            from trl.data_utils import common_prefix_length
+
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            template = getattr(self, "chat_template", None)
+            dataset = dataset.map(
+                lambda ex: {"rasa_prompt_length": common_prefix_length(
+                    _chat_ids(tokenizer, ex["prompt"], generation_prompt=True, chat_template=template), ex["input_ids"])},
+                desc=f"Locating the prompts of {dataset_name}",
+            )
+        return dataset
 
     @staticmethod
     def _check_lengths(dataset, tokenizer, args, dataset_name: str) -> None:
@@ -197,17 +266,20 @@ class RASATrainer(SFTTrainer):
         for i, row in enumerate(dataset):
             n = len(_chat_ids(tokenizer, row["prompt"] + row["completion"], generation_prompt=False))
             if n > args.max_length:
-                too_long.append((i, n))
+                too_long.append(f"row {i} ({n} tokens)")
+            n = len(_chat_ids(tokenizer, row["rasa_anchor"], generation_prompt=True))
+            if n > args.max_length:
+                too_long.append(f"row {i} (anchor: {n} tokens)")
         if too_long:
-            shown = ", ".join(f"row {i} ({n} tokens)" for i, n in too_long[:5])
             raise ValueError(
-                f"{len(too_long)} row(s) of {dataset_name} exceed max_length={args.max_length} with their completion, "
-                f"so truncation would cut the refusal target: {shown}. Raise max_length or shorten those rows."
+                f"{len(too_long)} row(s) of {dataset_name} exceed max_length={args.max_length} with their completion "
+                f"or their anchor, so truncation would cut the refusal target or the anchor context: "
+                f"{', '.join(too_long[:5])}. Raise max_length or shorten those rows."
             )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in ("anchor_input_ids", "rasa_index"):
+        for column in ("anchor_input_ids", "rasa_index", "rasa_prompt_length"):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -226,6 +298,7 @@ class RASATrainer(SFTTrainer):
             text_config.output_router_logits = self._router_logits_setting
 
     def _resolve_selection(self, selection):
+        """The selection given to the constructor, validated; ``None`` when it is to be detected (at train start)."""
         if self.args.rasa_schedule not in ("alternate", "expert_only"):
             if selection is not None:
                 logger.warning("safety_critical_experts is ignored with rasa_schedule=%r", self.args.rasa_schedule)
@@ -233,23 +306,86 @@ class RASATrainer(SFTTrainer):
         from .selection import SafetyCriticalExperts
 
         if selection is None:
-            selection = self._detect()
-        elif isinstance(selection, (str, os.PathLike)):
+            return None
+        if isinstance(selection, (str, os.PathLike)):
             selection = SafetyCriticalExperts.load(selection)
+        return self._validated_selection(selection)
+
+    def _validated_selection(self, selection):
+        from .selection import SafetyCriticalExperts
+
         if not isinstance(selection, SafetyCriticalExperts):
             raise TypeError(
                 f"safety_critical_experts must be a SafetyCriticalExperts or a path to its JSON, got {type(selection).__name__}"
             )
+        if len(selection) == 0:
+            raise ValueError(
+                "safety_critical_experts holds no experts, so the expert phase would train nothing; pass a selection "
+                "with at least one expert (or use rasa_schedule='router_only')"
+            )
         selection.validate(unwrap_model(self.model))
         logger.info("RASA: repairing %d Safety-Critical Experts: %s", len(selection), selection.by_moe_layer())
         return selection
+
+    def _needs_detection(self) -> bool:
+        return self.args.rasa_schedule in ("alternate", "expert_only") and self.selection is None
+
+    def _check_detection_supported(self) -> None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed ZeRO-3"
+            raise ValueError(
+                f"no safety_critical_experts were given, and under {engine} the trainer cannot detect them itself: "
+                f"the expert repairs must be attached before {engine} shards the model, while detection needs the "
+                f"whole model to generate. Detect first (`rasa-trainer detect`, examples/detect_experts.py or "
+                f"rasa_trainer.detect_safety_critical_experts, e.g. with device_map='auto'), then pass "
+                f"safety_critical_experts='<dir>/safety_critical_experts.json'."
+            )
+
+    def _ensure_selection(self, resume_from_checkpoint=None) -> None:
+        """Detect the Safety-Critical Experts when none were given (on every rank, pairs sharded across ranks, on the
+        model on the device training uses) and attach their repairs; a resumed run takes the checkpoint's selection.
+        Runs before Trainer builds the optimiser and before DDP wraps the model."""
+        if not self._needs_detection():
+            return
+        if self.optimizer is not None:
+            raise RuntimeError(
+                "the optimiser was built before the Safety-Critical Experts were detected, so it cannot hold their "
+                "repairs; call trainer.train() first, or pass safety_critical_experts"
+            )
+        selection = self._selection_of_checkpoint(resume_from_checkpoint)
+        if selection is None:
+            if self.place_model_on_device and not getattr(self, "is_model_parallel", False):
+                self._move_model_to_device(self.model, self.args.device)
+            selection = self._detect()
+        self.selection = self._validated_selection(selection)
+        self._setup_parameter_groups()
+
+    def _selection_of_checkpoint(self, resume_from_checkpoint):
+        """The selection a checkpoint was trained with (resuming never re-runs detection), or ``None``."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        path = os.path.join(str(resume_from_checkpoint), SELECTION_FILE)
+        if not os.path.isfile(path):
+            return None
+        from .selection import SafetyCriticalExperts
+
+        logger.info("RASA: resuming with the Safety-Critical Experts of %s", path)
+        return SafetyCriticalExperts.load(path)
 
     def _detect(self):
         from .detection import detect_safety_critical_experts
         from .judges import judge_from_name
 
         args = self.args
-        logger.info("RASA: no safety_critical_experts given; detecting them on the training pairs")
+        logger.info("RASA: no safety_critical_experts given; detecting them on the training pairs on %s", args.device)
         return detect_safety_critical_experts(
             unwrap_model(self.model), self._tokenizer, self._pairs,
             judge=judge_from_name(args.detection_judge), anchor_column=args.anchor_column,
@@ -260,10 +396,18 @@ class RASATrainer(SFTTrainer):
             output_dir=args.output_dir if self.is_world_process_zero() else None,
         )
 
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # True becomes the newest complete checkpoint; an incomplete or foreign one is refused before any work
+        resume_from_checkpoint = self._resolve_resume_checkpoint(resume_from_checkpoint)
+        self._ensure_selection(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
     def _setup_parameter_groups(self) -> None:
         schedule, model = self.args.rasa_schedule, self.model
         if schedule == "full":
             self._groups["full"] = [p for p in model.parameters() if p.requires_grad]
+            self._index_groups()
             return
         for p in model.parameters():
             p.requires_grad_(False)
@@ -274,24 +418,96 @@ class RASATrainer(SFTTrainer):
                 self.args.expert_lora_alpha,
             )
         if schedule in ("alternate", "router_only"):
-            self._groups["routers"] = _fp32_routers(model)
+            self._groups["routers"] = upcast_routers(model)
         _register_zero3_leaf_modules(model)
         for params in self._groups.values():
             for p in params:
                 p.requires_grad_(True)
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        """Parameter name -> RASA group, so groups can be found again in a model the engine has prepared."""
+        ids = {id(p): name for name, params in self._groups.items() for p in params}
+        self._group_of_name = {
+            _canonical_name(n): ids[id(p)] for n, p in unwrap_model(self.model).named_parameters() if id(p) in ids
+        }
+
+    def _group_learning_rates(self) -> dict[str, float]:
+        return {"experts": self.args.expert_learning_rate, "routers": self.args.router_learning_rate,
+                "full": self.args.expert_learning_rate}
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
-            optimizer_kwargs.pop("lr", None)
-            lrs = {"experts": self.args.expert_learning_rate, "routers": self.args.router_learning_rate,
-                   "full": self.args.expert_learning_rate}
-            groups = [
-                {"params": params, "lr": lrs[name], "weight_decay": self.args.weight_decay, "name": name}
-                for name, params in self._groups.items()
-            ]
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+        """Trainer's optimiser (``optim``, ``optim_args``, ``optimizer_cls_and_kwargs``, 8-bit and paged optimisers)
+        over Trainer's decay / no-decay split (``get_decay_parameter_names``), each of those groups split further by
+        RASA group (expert repairs, routers; ``full``: all weights) with the group's learning rate."""
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        self._ensure_selection()
+        opt_model = self.model if model is None else model
+        group_of = {}
+        for name, param in opt_model.named_parameters():
+            group = self._group_of_name.get(_canonical_name(name))
+            if group is not None:
+                group_of[id(param)] = group
+        # the engine may have replaced the parameters (FSDP2): the groups follow the model the optimiser gets
+        self._groups = {g: [p for p in opt_model.parameters() if group_of.get(id(p)) == g] for g in self._groups}
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        lrs = self._group_learning_rates()
+        optimizer_kwargs = {**optimizer_kwargs, "lr": lrs["full"] if "full" in self._groups else optimizer_kwargs.get("lr")}
+        if optimizer_kwargs["lr"] is None:
+            del optimizer_kwargs["lr"]
+        from transformers.trainer_optimizer import is_optimizer_factory
+
+        builds_own_groups = is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if builds_own_groups and "full" not in self._groups:
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups (or takes the whole model), so RASA cannot "
+                f"give the expert repairs and the routers their own learning rates. Use an optimiser class: e.g. "
+                f"optim='adamw_torch', 'adamw_bnb_8bit', 'paged_adamw_8bit', or optimizer_cls_and_kwargs=(cls, kwargs)."
+            )
+        order = list(self._groups)
+
+        def regroup(param_groups):
+            grouped = []
+            for group in param_groups:  # Trainer's groups: weight decay, no weight decay (split per device mesh)
+                by_rasa = {}
+                for p in group["params"]:
+                    if id(p) not in group_of:
+                        raise RuntimeError("a trainable parameter belongs to no RASA group")
+                    by_rasa.setdefault(group_of[id(p)], []).append(p)
+                grouped.extend({**group, "params": ps, "lr": lrs[g], "name": g} for g, ps in by_rasa.items())
+            return sorted(grouped, key=lambda g: order.index(g["name"]))  # stable: decay before no decay
+
+        cls = optimizer_cls if builds_own_groups else _with_param_groups(optimizer_cls, regroup)
+        saved = self.optimizer_cls_and_kwargs
+        self.optimizer_cls_and_kwargs = (cls, optimizer_kwargs)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = saved
+
+    def _get_learning_rate(self) -> float:
+        """The learning rate of the group the current phase trains (Trainer logs it as ``learning_rate``); every
+        group's rate is logged as ``learning_rate_<group>``."""
+        value = super()._get_learning_rate()
+        try:
+            rates = [float(r) for r in self.lr_scheduler.get_last_lr()]
+            names = [g.get("name") for g in self.optimizer.param_groups]
+        except Exception:  # schedulers without per-group rates (DeepSpeed warm-up): keep Trainer's value
+            return value
+        if len(rates) != len(names):
+            return value
+        per_group = {}
+        for name, rate in zip(names, rates):
+            per_group.setdefault(name, rate)
+        for name, rate in per_group.items():
+            if name is not None:
+                self._metrics["train"][f"learning_rate_{name}"] = [rate]
+        active = {"expert": "experts", "router": "routers", "full": "full"}.get(self._phase)
+        return per_group.get(active, value)
 
     # ---------------------------------------------------------------------------------------------------- phases
     def phase_of_epoch(self, epoch: int) -> str:
@@ -326,9 +542,35 @@ class RASATrainer(SFTTrainer):
                 # the weights are only replayed in "cached" mode; "recompute" takes them from the live routers
                 self._routing_cache = self._record_routing(
                     f"routing of epoch {epoch}", keep_weights=self.args.replay_weights == "cached")
+            self._check_selected_experts_reached(self._routing_cache)
+            # all real tokens of the training set, now vs at the start of the run (logged once per expert phase)
             shift = assignment_shift(self._routing_cache.indices, self._initial_routing.indices)
-            self._metrics["train"]["routing_shift"].append(float(shift))
+            self._metrics["train"]["routing_shift_phase_start"] = [float(shift)]
         logger.info("RASA: epoch %d runs the %s phase", epoch, phase)
+
+    def _check_selected_experts_reached(self, cache: RoutingCache) -> None:
+        """Count the training tokens the phase-start routing sends to each selected expert: warn about experts that
+        receive none (they cannot learn), fail when none receives any (the phase would train nothing)."""
+        indices = cache.indices
+        unreached, counts = [], {}
+        for moe_layer, experts in self.selection.by_moe_layer().items():
+            per_expert = torch.bincount(indices[:, moe_layer].reshape(-1).long(), minlength=max(experts) + 1)
+            for e in experts:
+                counts[(moe_layer, e)] = int(per_expert[e])
+                if per_expert[e] == 0:
+                    unreached.append((moe_layer, e))
+        if len(unreached) == len(counts):
+            raise ValueError(
+                f"no training token is routed to any of the {len(counts)} selected experts, so the expert phase would "
+                f"train nothing: the selection does not fit this model or data (was it detected on another "
+                f"checkpoint?). Detect the experts on this model and these pairs."
+            )
+        if unreached:
+            shown = ", ".join(f"(MoE layer {l}, expert {e})" for l, e in unreached[:20])
+            logger.warning(
+                "RASA: %d of %d selected experts receive no training token and will not learn: %s",
+                len(unreached), len(counts), shown,
+            )
 
     def _record_routing(self, what: str, keep_weights: bool) -> RoutingCache:
         """The routing of every training example under the current model (eval mode, no gradients)."""
@@ -364,21 +606,43 @@ class RASATrainer(SFTTrainer):
             if name != active:
                 for p in params:
                     p.grad = None  # DDP may hand back zero gradients; None keeps AdamW from touching the group
-            else:
-                grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-                norm = torch.stack(grads).norm().item() if grads else 0.0
-                self._metrics["train"][f"grad_norm_{name}"].append(norm)
+
+    def _clip_grad_norm(self, model):
+        self._log_group_grad_norms()  # before Trainer clips
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:  # max_grad_norm <= 0: nothing was clipped, and _clip_grad_norm did not run
+            self._log_group_grad_norms()
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _log_group_grad_norms(self) -> None:
+        """``grad_norm_<group>``: the gradient norm of the group the phase trains, before clipping (Trainer's
+        ``grad_norm`` is the norm of all gradients, also before clipping). Not available under DeepSpeed, which keeps
+        the gradients inside its engine."""
+        if self._phase is None or self.is_deepspeed_enabled:
+            return
+        active = {"expert": "experts", "router": "routers", "full": "full"}[self._phase]
+        grads = [p.grad for p in self._groups.get(active, []) if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2)
+            norm = norm.full_tensor()
+        self._metrics["train"][f"grad_norm_{active}"].append(float(norm))
 
     # ---------------------------------------------------------------------------------------------------- losses
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         anchor_ids = inputs.pop("anchor_input_ids", None)
         anchor_mask = inputs.pop("anchor_attention_mask", None)
         rows = inputs.pop("rasa_index", None)
+        context = inputs.pop("rasa_context_mask", None)
         if not model.training or self._phase is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._metrics["train"]["phase"].append(PHASE_CODES[self._phase])
+        # the phase of the last step of a logging window (a list of one value, which Trainer's averaging keeps as is)
+        self._metrics["train"]["phase"] = [PHASE_CODES[self._phase]]
         if self._phase == "router":
-            return self._router_loss(model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch)
+            if context is None:  # batches built without the RASA collator
+                context = (inputs["labels"] == -100) & inputs["attention_mask"].bool()
+            return self._router_loss(model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch, context=context)
         # the expert phase's routing replay is active around the whole training step (see training_step)
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         value = loss[0] if isinstance(loss, tuple) else loss
@@ -395,31 +659,72 @@ class RASATrainer(SFTTrainer):
         with replay_routing(model, routing, weights=self.args.replay_weights):
             return super().training_step(model, inputs, num_items_in_batch)
 
-    def _router_loss(self, model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch):
-        """Mean over MoE layers of KL(anchor || adversarial) of token-mean router probabilities (padding excluded)."""
+    def _router_loss(self, model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch, context=None):
+        """The router-consistency loss of one micro-batch: KL(anchor || adversarial) (``kl_direction``) of the router
+        probability over experts, averaged over the MoE layers.
+
+        ``router_loss="pooled"`` (the authors'): token-mean probabilities over all anchor tokens and all prompt
+        tokens of the micro-batch, one KL per micro-batch and process. ``"per_pair"``: token-mean probabilities per
+        example, one KL per (adversarial, anchor) pair, averaged over the pairs of the whole optimiser step (every
+        micro-batch and process), so the objective does not depend on how the pairs are batched.
+        """
         if anchor_ids is None:
             raise ValueError("the router phase needs anchor contexts; the batch has no anchor_input_ids")
-        context = (inputs["labels"] == -100) & inputs["attention_mask"].bool()
+        if context is None:
+            context = inputs["rasa_context_mask"] if "rasa_context_mask" in inputs else (
+                (inputs["labels"] == -100) & inputs["attention_mask"].bool())
+        context = context.bool() & inputs["attention_mask"].bool()
         with torch.no_grad(), record_routing(model, probabilities=True) as anchor_rec:
             model(input_ids=anchor_ids, attention_mask=anchor_mask, use_cache=False, logits_to_keep=1)
         with record_routing(model, probabilities=True, detach=False) as adv_rec:
             model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, logits_to_keep=1)
         anchor, adversarial = anchor_rec.routing(), adv_rec.routing()
+        per_pair = self.args.router_loss == "per_pair"
         terms = []
         for p_anchor_tokens, p_adv_tokens in zip(anchor.probabilities, adversarial.probabilities):
-            p_anchor = _masked_mean(p_anchor_tokens, anchor_mask.bool())
-            p_adv = _masked_mean(p_adv_tokens, context)
-            terms.append(self._kl_term(p_anchor, p_adv))
-        kl = torch.stack(terms).mean()
-        self._metrics["train"]["router_kl"].append(kl.detach().item())
+            if per_pair:
+                p_anchor = _per_pair_mean(p_anchor_tokens, anchor_mask.bool())  # [B, E]
+                p_adv = _per_pair_mean(p_adv_tokens, context)
+                terms.append(self._kl_term(p_anchor, p_adv))  # [B]
+            else:
+                p_anchor = _masked_mean(p_anchor_tokens, anchor_mask.bool())
+                p_adv = _masked_mean(p_adv_tokens, context)
+                terms.append(self._kl_term(p_anchor, p_adv))
+        kl = torch.stack(terms).mean(dim=0)  # mean over MoE layers: a scalar (pooled) or one value per pair
+        self._metrics["train"]["router_kl"].append(kl.detach().mean().item())
         if self._initial_routing is not None and rows is not None:
+            # prompt tokens of this batch, now vs at the start of the run
             start = self._initial_routing.batch_routing(self._positions(rows), inputs["attention_mask"])
             flat = context.reshape(-1).cpu()
             shift = assignment_shift(adversarial.stacked_indices().cpu()[flat], start.stacked_indices()[flat])
-            self._metrics["train"]["routing_shift"].append(float(shift))
-        # Trainer leaves gradient accumulation to losses normalised by num_items_in_batch; this one is a batch mean
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        return kl / steps
+            self._metrics["train"]["routing_shift_prompt"].append(float(shift))
+        trainer_divides = not self._loss_scaled_for_accumulation(num_items_in_batch)
+        if per_pair:
+            # sum over this micro-batch's pairs / pairs of the whole step on every process; DDP averages gradients
+            # over processes, hence the factor; Trainer's own division by the accumulation steps is undone
+            pairs = self._pairs_in_step or kl.numel() * self.accelerator.num_processes  # outside train(): this batch
+            loss = kl.sum() * self.accelerator.num_processes / pairs
+            return loss * self.current_gradient_accumulation_steps if trainer_divides else loss
+        # a micro-batch mean: averaged over the accumulation steps (by Trainer, or here when Trainer leaves it to
+        # the loss); DDP averages the processes' gradients
+        return kl if trainer_divides else kl / self.current_gradient_accumulation_steps
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether Trainer.training_step takes the loss as already averaged over the accumulation steps (the rule it
+        applies: ``loss_is_scaled_for_ga``, else a loss normalised by ``num_items_in_batch``)."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._phase == "router" and self.args.router_loss == "per_pair":
+            # pairs in this optimiser step over every micro-batch and process (like num_items_in_batch for tokens)
+            pairs = torch.tensor(sum(int(b["input_ids"].shape[0]) for b in batch_samples), device=device)
+            if self.accelerator.num_processes > 1:
+                pairs = self.accelerator.gather(pairs.reshape(1)).sum()
+            self._pairs_in_step = int(pairs)
+        return batch_samples, num_items_in_batch
 
     def _kl_term(self, p_anchor: torch.Tensor, p_adv: torch.Tensor) -> torch.Tensor:
         direction = self.args.kl_direction
@@ -428,108 +733,6 @@ class RASATrainer(SFTTrainer):
         if direction == "reverse":
             return _kl(p_adv, p_anchor)
         return 0.5 * (_kl(p_anchor, p_adv) + _kl(p_adv, p_anchor))
-
-    # ---------------------------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self._save_rasa_state(folder)
-
-    def _save_rasa_state(self, folder: str) -> None:
-        """Everything a resumed run needs that the Trainer's own checkpoint does not restore exactly."""
-        named = {id(p): n for n, p in unwrap_model(self.model).named_parameters()}
-        trainable = {named[id(p)]: p for params in self._groups.values() for p in params}
-        atomic_save_safetensors(trainable, os.path.join(folder, "rasa_trainable.safetensors"))
-        if self._routing_cache is not None and self._phase == "expert":
-            self._routing_cache.save(os.path.join(folder, "rasa_routing_cache.safetensors"), {"epoch": str(self._phase_epoch)})
-        if self._initial_routing is not None:
-            self._initial_routing.save(os.path.join(folder, "rasa_initial_routing.safetensors"))
-        if self.selection is not None:
-            atomic_write_json(self.selection.to_dict(), os.path.join(folder, SELECTION_FILE))
-        atomic_write_json({"phase": self._phase, "epoch": self._phase_epoch, "schedule": self.args.rasa_schedule},
-                          os.path.join(folder, "rasa_state.json"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        path = os.path.join(resume_from_checkpoint, "rasa_trainable.safetensors")
-        if not os.path.isfile(path):
-            raise ValueError(f"{resume_from_checkpoint} is not a RASATrainer checkpoint (no rasa_trainable.safetensors)")
-        self._check_resumed_selection(resume_from_checkpoint)
-        # transformers loads the checkpoint non-strictly and cannot map the per-expert keys save_pretrained writes
-        # back onto fused expert tensors; the trainable parameters are restored exactly from our own file below
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = load_file(path)
-        params = dict(unwrap_model(model or self.model).named_parameters())
-        missing = sorted(set(params_of_groups(self, params)) - set(saved))
-        if missing:
-            raise ValueError(f"checkpoint {resume_from_checkpoint} lacks trainable parameters {missing[:5]}")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                params[name].copy_(tensor)
-        cache_path = os.path.join(resume_from_checkpoint, "rasa_routing_cache.safetensors")
-        if os.path.isfile(cache_path):
-            from safetensors import safe_open
-
-            with safe_open(cache_path, "pt") as f:
-                epoch = int(f.metadata()["epoch"])
-            self._resumed["routing_cache"] = (epoch, RoutingCache.load(cache_path))
-        initial = os.path.join(resume_from_checkpoint, "rasa_initial_routing.safetensors")
-        if os.path.isfile(initial):
-            self._resumed["initial_routing"] = RoutingCache.load(initial)
-
-    def _check_resumed_selection(self, folder: str) -> None:
-        from .selection import SafetyCriticalExperts
-
-        path = os.path.join(folder, SELECTION_FILE)
-        if self.selection is None or not os.path.isfile(path):
-            return
-        if SafetyCriticalExperts.load(path).by_moe_layer() != self.selection.by_moe_layer():
-            raise ValueError(
-                f"the checkpoint {folder} was trained with another selection of experts; resume with "
-                f"safety_critical_experts={path!r}"
-            )
-
-    # ---------------------------------------------------------------------------------------------------- saving
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        if _internal_call or self.args.rasa_schedule == "full":
-            return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        model = unwrap_model(self.model)
-        # sharded weights (FSDP, ZeRO-3) are gathered by accelerate, a collective that every rank enters
-        state = self.accelerator.get_state_dict(self.model_wrapped) if (self.is_fsdp_enabled or self.is_deepspeed_enabled) else None
-        if not self.args.should_save:
-            return
-        state = state if state is not None else model.state_dict()
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, state_dict=merged_state_dict(model, state, dtype_of_routers=self._model_dtype))
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        if self.selection is not None:
-            atomic_write_json(self.selection.to_dict(), os.path.join(output_dir, SELECTION_FILE))
-        if self.args.expert_tuning == "lora" and repair_modules(model):
-            self._save_adapter(os.path.join(output_dir, "rasa_adapter"), state)
-        self.create_model_card(model_name=os.path.basename(os.path.abspath(output_dir)), output_dir=output_dir)
-
-    def _save_adapter(self, folder: str, state: dict[str, torch.Tensor]) -> None:
-        """The LoRA factors of the selected experts and the trained router weights alone."""
-        model = unwrap_model(self.model)
-        tensors = {}
-        for layer, _ in repair_modules(model):
-            prefix = f"{layer.experts_name}.rasa_repairs."
-            tensors.update({f"moe_layers.{layer.index}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)})
-        for layer in moe_layers(model):
-            for name, _ in layer.router.named_parameters():
-                tensors[f"routers.{layer.index}.{name}"] = state[f"{layer.router_name}.{name}"].float()
-        atomic_save_safetensors(tensors, os.path.join(folder, "rasa_adapter.safetensors"))
-        atomic_write_json(
-            {"mode": "lora", "rank": self.args.expert_lora_rank, "alpha": self.args.expert_lora_alpha,
-             "base_model": getattr(model.config, "_name_or_path", None),
-             "selection": {str(k): v for k, v in self.selection.by_moe_layer().items()}},
-            os.path.join(folder, "rasa_adapter_config.json"),
-        )
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, output_dir: str | None = None,
@@ -543,6 +746,18 @@ class RASATrainer(SFTTrainer):
             dataset_name=dataset_name, tags=tags, evaluation_results=evaluation_results or getattr(self, "evaluation_results", None),
         )
         atomic_write(os.path.join(output_dir, "README.md"), text)
+
+
+def _reject_peft_model(model, args: RASAConfig) -> None:
+    """A PeftModel would be saved as a plain checkpoint with its LoRA keys (lost on reload); RASA attaches its own
+    repairs, so the user's adapter must be merged first."""
+    if args.rasa_schedule == "full" or isinstance(model, str) or not hasattr(model, "peft_config"):
+        return
+    raise ValueError(
+        f"model is a PEFT model ({type(model).__name__}). RASATrainer attaches its own repairs to the selected experts "
+        f"and saves merged checkpoints, which a PEFT wrapper would break. Merge your adapter first "
+        f"(model = model.merge_and_unload()) and pass the plain model; for LoRA repairs use expert_tuning='lora'."
+    )
 
 
 def _output_router_logits(model) -> bool:
@@ -588,46 +803,9 @@ def _repairs_count_as_adapters(model, args: RASAConfig):
             del model._hf_peft_config_loaded
 
 
-def params_of_groups(trainer: RASATrainer, named: dict[str, nn.Parameter]) -> list[str]:
-    ids = {id(p) for params in trainer._groups.values() for p in params}
-    return [n for n, p in named.items() if id(p) in ids]
-
-
-def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool, chat_template: str | None = None) -> list[int]:
+    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, **kwargs)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
-
-
-def _fp32_routers(model: nn.Module) -> list[nn.Parameter]:
-    """Router parameters as fp32 master weights (an update of 1e-6 vanishes in bf16).
-
-    The routers compute in fp32 (their input is cast up) and hand the experts their top-k weights in the model's
-    dtype, so the rest of the model runs unchanged.
-    """
-    params = []
-    for layer in moe_layers(model):
-        router = layer.router
-        if any(not p.is_floating_point() or type(p).__name__ in ("Params4bit", "Int8Params") for p in router.parameters()):
-            raise ValueError(
-                f"the router {layer.router_name} is quantized ({type(router).__name__}); RASA trains routers, so keep "
-                f"them in full precision, e.g. BitsAndBytesConfig(llm_int8_skip_modules=[\"{layer.router_name.rsplit('.', 1)[-1]}\", "
-                f"\"lm_head\"])"
-            )
-        if any(p.dtype != torch.float32 for p in router.parameters()):
-            router.float()
-            router.register_forward_pre_hook(_cast_input_fp32)
-            router.register_forward_hook(_cast_weights_back)
-        params.extend(router.parameters())
-    return params
-
-
-def _cast_input_fp32(module, args):
-    module._rasa_input_dtype = args[0].dtype
-    return (args[0].float(), *args[1:])
-
-
-def _cast_weights_back(module, args, output):
-    first, weights, indices = output
-    return first, weights.to(module._rasa_input_dtype), indices

@@ -267,8 +267,8 @@ def test_save_reload_same_logits_both_modes(tmp_path):
         files = set(os.listdir(out))
         assert {"model.safetensors", "config.json", "README.md", "safety_critical_experts.json"} <= files
         assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
-        assert ("rasa_adapter" in files) is (tuning == "lora")
-        assert "rasa_experts" not in (out / "config.json").read_text()
+        assert ("adapter" in files) is (tuning == "lora")
+        assert "rasa_repairs" not in (out / "config.json").read_text()  # the experts implementation is not saved
         card = (out / "README.md").read_text()
         assert "| 0 | 0 | 1, 3 |" in card and "rasa" in card
 
@@ -291,7 +291,7 @@ def test_resume_with_another_selection_fails(tmp_path):
     first = make_trainer(tmp_path / "a", "qwen3_moe", rasa_schedule="expert_only", save_strategy="steps", save_steps=2)
     first.train()
     other = make_trainer(tmp_path / "b", "qwen3_moe", rasa_schedule="expert_only", selection={0: [4], 1: [2]})
-    with pytest.raises(ValueError, match="another selection"):
+    with pytest.raises(ValueError, match="belongs to another run: .*selection"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
 
 
@@ -359,11 +359,13 @@ def test_trainer_detects_experts_when_none_are_given(tmp_path):
     trainer = RASATrainer(model, args=make_args(tmp_path, detection_max_new_tokens=16, detection_batch_size=32,
                                                 detection_judge="keyword"),
                           train_dataset=pairs, processing_class=tokenizer)
+    assert trainer.selection is None  # detection runs at the start of train(), on the training device
+    trainer.train()
     planted = {tuple(e) for e in load_world_metadata()["planted_experts"]}
     chosen = {(e.moe_layer, e.expert) for e in trainer.selection.experts}
     assert chosen == planted  # K = 12.5% of 64 routed experts = 8, and detection finds the planted ones
     assert (tmp_path / "out" / "safety_critical_experts.json").exists()
-    assert all(getattr(l.experts, "rasa_repairs", None) is not None for l in moe_layers(trainer.model))
+    assert any(h.get("grad_norm_experts", 0) > 0 for h in trainer.state.log_history)  # their repairs trained
 
 
 def test_router_logits_setting_restored_after_training(tmp_path):

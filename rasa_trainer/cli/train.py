@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..selection import JSON_NAME as SELECTION_FILE
 from .common import (
     SAFETY_WORLD,
     SAFETY_WORLD_CONFIG,
@@ -48,10 +49,10 @@ from .common import (
     load_selection,
     parse,
     split_equals,
+    torch_dtype,
 )
 
 logger = logging.getLogger("rasa")
-SELECTION_FILE = "safety_critical_experts.json"
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0", "none", "")
 
 
@@ -155,8 +156,6 @@ def check_values(script_args: TrainScriptArguments, args) -> None:
 
 def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments) -> Inputs:
     """Check every argument and read every input file, so that mistakes fail before any model is loaded."""
-    from .common import torch_dtype
-
     check_values(script_args, args)
     torch_dtype(model_args.dtype)
     check_model(model_args.model_name_or_path or SAFETY_WORLD)
@@ -268,58 +267,69 @@ def write_results(results: dict, trainer, output_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run ``rasa-trainer train``; returns the results written to results.json on the main process."""
+    from accelerate import PartialState
+
     script_args, args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     inputs = preflight(script_args, args, model_args)
-
-    from accelerate import PartialState
-
-    from ..evaluation import format_comparison
-    from ..trainer import RASATrainer
-
     state = PartialState()
-    device = args.device
-    model, tokenizer = load_model(_with_default_model(model_args), device=device,
+    model, tokenizer = load_model(_with_default_model(model_args), device=args.device,
                                   trust_remote_code=args.trust_remote_code)
     evaluating = inputs.suite is not None and not script_args.skip_eval
     base_model = copy.deepcopy(model) if evaluating and script_args.routing_diagnostics else None
-
     before = None
     if evaluating and state.is_main_process:
-        logger.info("evaluating the base model on %s", device)
-        before = evaluate(model, tokenizer, inputs.suite, script_args, base_model=None)
+        logger.info("evaluating the base model on %s", args.device)
+        before = evaluate(model, tokenizer, inputs.suite, script_args)
     state.wait_for_everyone()
 
-    selection = inputs.selection
-    if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
-        judge = build_judge(inputs.detection_judge)
-        selection = detect(model, tokenizer, inputs.pairs, judge, args, state.is_main_process)
-
-    trainer = RASATrainer(model, args=args, train_dataset=inputs.pairs, processing_class=tokenizer,
-                          safety_critical_experts=selection)
-    trainer.train(resume_from_checkpoint=inputs.resume)
+    trainer = train(model, tokenizer, inputs, script_args, args, state.is_main_process)
     model_dir = os.path.join(args.output_dir, "model")
     trainer.save_model(model_dir)
-
     results = None
     if state.is_main_process:
-        results = {"before": before.to_dict() if before else None, "after": None, "evaluated_artifact": None,
-                   "selection": selection.by_moe_layer() if selection is not None else None}
-        if evaluating:
-            release_training_memory(trainer)
-            after, artifact = evaluate_saved(model_dir, device, inputs.suite, script_args, base_model,
-                                              args.trust_remote_code)
-            results.update(after=after.to_dict(), evaluated_artifact=artifact)
-            trainer.evaluation_results = card_results(after, artifact)
-            trainer.create_model_card(model_name=os.path.basename(os.path.abspath(model_dir)), output_dir=model_dir,
-                                      dataset_name=script_args.dataset_name or SAFETY_WORLD,
-                                      evaluation_results=trainer.evaluation_results)
-            print(format_comparison({"base": before, "RASA (saved)": after}))
-        write_results(results, trainer, args.output_dir)
-        logger.info("results in %s", args.output_dir)
+        results = publish(trainer, model_dir, before, base_model if evaluating else None, inputs, script_args, args)
     state.wait_for_everyone()
     if args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name or SAFETY_WORLD)
+    return results
+
+
+def train(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, args, is_main: bool):
+    """Detect the Safety-Critical Experts unless a selection was given (or resumed), then train; returns the
+    trainer."""
+    from ..trainer import RASATrainer
+
+    selection = inputs.selection
+    if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
+        selection = detect(model, tokenizer, inputs.pairs, build_judge(inputs.detection_judge), args, is_main)
+    trainer = RASATrainer(model, args=args, train_dataset=inputs.pairs, processing_class=tokenizer,
+                          safety_critical_experts=selection)
+    trainer.train(resume_from_checkpoint=inputs.resume)
+    return trainer
+
+
+def publish(trainer, model_dir: str, before, base_model, inputs: Inputs, script_args: TrainScriptArguments,
+            args) -> dict[str, Any]:
+    """On the main process: evaluate the saved checkpoint (when evaluating), re-render its model card with those
+    numbers, write results.json and the plots."""
+    from ..evaluation import format_comparison
+
+    selection = trainer.selection
+    results = {"before": before.to_dict() if before else None, "after": None, "evaluated_artifact": None,
+               "selection": selection.by_moe_layer() if selection is not None else None}
+    if before is not None:
+        release_training_memory(trainer)
+        after, artifact = evaluate_saved(model_dir, args.device, inputs.suite, script_args, base_model,
+                                         args.trust_remote_code)
+        results.update(after=after.to_dict(), evaluated_artifact=artifact)
+        trainer.evaluation_results = card_results(after, artifact)
+        trainer.create_model_card(model_name=os.path.basename(os.path.abspath(model_dir)), output_dir=model_dir,
+                                  dataset_name=script_args.dataset_name or SAFETY_WORLD,
+                                  evaluation_results=trainer.evaluation_results)
+        print(format_comparison({"base": before, "RASA (saved)": after}))
+    write_results(results, trainer, args.output_dir)
+    logger.info("results in %s", args.output_dir)
     return results
 
 
@@ -328,8 +338,3 @@ def _with_default_model(model_args: ModelLoadArguments) -> ModelLoadArguments:
         return model_args
     return ModelLoadArguments(**{**vars(model_args), "model_name_or_path": SAFETY_WORLD})
 
-
-if __name__ == "__main__":
-    from . import main as cli_main
-
-    raise SystemExit(cli_main(["train", *sys.argv[1:]]))

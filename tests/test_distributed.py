@@ -79,3 +79,33 @@ def test_train_py_under_accelerate_launch(tmp_path):
     _train_py([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(_free_port())], tmp_path)
+
+
+@pytest.mark.timeout(600)
+def test_trainer_contract_under_two_processes(tmp_path):
+    """Per-pair router loss: 2 processes x batch 4 give the loss and gradient of 1 process x batch 8. Detection without
+    a given selection runs in train() on every rank, before the optimiser and DDP, and the repairs train under DDP."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(ROOT, "tests", "jobs", "ddp_contract.py"), str(tmp_path)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(os.path.join(tmp_path, "ddp_contract.json")) as f:
+        report = json.load(f)
+    assert report["world_size"] == 2
+
+    import torch
+    from test_trainer_contract import per_pair_step
+
+    loss, delta = per_pair_step(tmp_path / "reference", 8, 1)
+    for rank in range(2):
+        assert report["per_pair"]["loss"][rank] == pytest.approx(loss, rel=1e-5)
+        torch.testing.assert_close(torch.tensor(report["per_pair"]["delta"][rank]), delta, rtol=1e-4, atol=1e-7)
+
+    detection = report["detection"]
+    for seen in detection["seen"]:
+        assert torch.device(seen["device"]).type == torch.device(seen["training_device"]).type  # the training device
+        assert seen["initialized"] and not seen["optimizer_built"]
+        assert seen["wrapped"] != "DistributedDataParallel"  # before DDP wraps the model
+    assert detection["selections"][0] == detection["selections"][1] == detection["planted"]
+    assert detection["wrapped_after"] == "DistributedDataParallel" and detection["repairs_in_ddp_module"] > 0
+    assert detection["identical_after_training"] and detection["phases"] == [1, 2] and detection["selection_file"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rasa_trainer.cli import UsageError
+from rasa_trainer.cli import SUBCOMMANDS, UsageError
 from rasa_trainer.cli import main as cli_main
 from rasa_trainer.cli.common import torch_dtype
 
@@ -198,6 +198,14 @@ def test_command_prints_the_error_and_exits_2(tmp_path, capsys, no_model_loading
     assert cli_main(["--help"]) == 0
     usage = capsys.readouterr().out
     assert all(name in usage for name in ("train", "detect", "evaluate", "estimate-memory", "build-pairs"))
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_subcommand_prints_its_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: rasa-trainer {name}" in capsys.readouterr().out
 
 
 def test_estimate_memory_subcommand(capsys):

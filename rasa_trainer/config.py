@@ -104,6 +104,12 @@ class RASAConfig(SFTConfig):
         default=False, metadata={"help": "Sample replies in detection (seeded with `seed`) instead of greedy decoding."}
     )
     detection_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of detection."})
+    ignore_checkpoint_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint even when its run fingerprint (the arguments that shape the result, "
+                          "the training data, the selection, the package version) differs from this run's. Off by "
+                          "default: such a resume is refused with the differences listed."},
+    )
     num_train_epochs: float | None = field(
         default=None, metadata={"help": "Derived from rasa_rounds and rasa_schedule; leave unset."}
     )

@@ -62,10 +62,17 @@ FINGERPRINT_ARGS = (
 )
 
 
+_FAULT_COUNTS: dict[str, int] = {}
+
+
 def _fault_point(name: str) -> None:
-    """Test-only: die here (SIGKILL, as an OOM killer or a preempted node would) when ``RASA_FAULT_POINT`` names this
-    point, so the fault-injection tests can interrupt a checkpoint save at every write."""
-    if os.environ.get("RASA_FAULT_POINT") == name:
+    """Test-only: die here (SIGKILL, as an OOM killer or a preempted node would) the ``RASA_FAULT_OCCURRENCE``-th time
+    (default 1) this point is reached when ``RASA_FAULT_POINT`` names it, so the fault-injection tests can interrupt a
+    checkpoint save at every write."""
+    if os.environ.get("RASA_FAULT_POINT") != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(os.environ.get("RASA_FAULT_OCCURRENCE", "1")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -16,7 +16,13 @@ Runs:
 - ``full``: ``trl.SFTTrainer`` on the plain model, every parameter trainable (completion-only loss; TRL turns on the
   model's load-balancing loss for MoE models, as any user of plain SFT gets);
 - ``expert``: ``RASATrainer`` with ``rasa_schedule="expert_only"`` (repairs of the 32 experts, replayed routing);
-- ``router``: ``RASATrainer`` with ``rasa_schedule="router_only"`` (routers only, router-consistency KL).
+- ``router``: ``RASATrainer`` with ``rasa_schedule="router_only"`` (routers only, router-consistency KL);
+- ``expert_lora``: the expert phase with LoRA repairs (rank 8) of the same 32 experts instead of deltas.
+
+Transient memory per step (expert phases): the torch profiler's allocator events during one training step (the
+third), summed in time order; the peak above the level at the step's start is what the step allocates and frees
+(activations, gradients, optimiser temporaries). It is shown against the size of the selected experts' fp32 delta,
+which is what a LoRA forward that materialised ``B @ A`` would allocate (and keep for backward) on every step.
 
 Timing: the CPU is shared with other work whose load swings by several times within minutes, so the three trainers
 are built in one process and stepped in rotation (full, expert, router, full, ...; each trainer runs in a thread and
@@ -50,7 +56,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-MODES = ("full", "expert", "router")
+MODES = ("full", "expert", "router", "expert_lora")
 SELECTED_FRACTION = 0.125
 TARGETS = {
     "optimizer_state": 2.1,  # x selected params x 4 bytes
@@ -192,11 +198,12 @@ def build_trainer(mode: str, rows: int, out_dir: str, batch_size: int = 8, seq_l
         args = SFTConfig(num_train_epochs=1, learning_rate=5e-5, lr_scheduler_type="constant", **common)
         trainer = _timed(SFTTrainer)(model, args=args, train_dataset=_dataset(data), processing_class=tokenizer)
     else:
-        schedule = {"expert": "expert_only", "router": "router_only"}[mode]
-        args = RASAConfig(rasa_rounds=1, rasa_schedule=schedule, expert_tuning=expert_tuning,
+        schedule = {"expert": "expert_only", "expert_lora": "expert_only", "router": "router_only"}[mode]
+        tuning = "lora" if mode == "expert_lora" else expert_tuning
+        args = RASAConfig(rasa_rounds=1, rasa_schedule=schedule, expert_tuning=tuning,
                           expert_lora_rank=lora_rank, **common)
         trainer = _timed(RASATrainer)(model, args=args, train_dataset=pairs, processing_class=tokenizer,
-                                      safety_critical_experts=sce if mode == "expert" else None)
+                                      safety_critical_experts=sce if schedule == "expert_only" else None)
     return trainer, model, sce
 
 
@@ -264,6 +271,7 @@ def worker(mode: str, steps: int, batch_size: int, seq_len: int, warmup: int, th
         with PeakRSS() as peak:
             trainer.train()
         wall = time.perf_counter() - wall
+    transient = step_transient_bytes(mode, batch_size, seq_len) if mode.startswith("expert") else None
     step_times = timer.times[warmup:]
     fb_times = trainer.fb_times[warmup:]
     lengths = [len(r["input_ids"]) for r in trainer.train_dataset]
@@ -279,11 +287,44 @@ def worker(mode: str, steps: int, batch_size: int, seq_len: int, warmup: int, th
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "peak_bytes": peak.peak - rss0,
         "train_delta_bytes": peak.peak - rss_ready,
+        "step_transient_bytes": transient,
         "mean_row_tokens": sum(lengths) / len(lengths),
         "max_row_tokens": max(lengths),
     }
     with open(out, "w") as f:
         json.dump(result, f)
+
+
+def step_transient_bytes(mode: str, batch_size: int, seq_len: int, step: int = 3) -> int:
+    """Peak bytes allocated (and freed) by torch during one training step, from the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class ProfileOneStep(TrainerCallback):
+        def __init__(self):
+            self.prof, self.events = None, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == step - 1:
+                self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and not self.events:
+                self.prof.__exit__(None, None, None)
+                self.events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
+                                     if e.name() == "[memory]")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _, _ = build_trainer(mode, (step + 1) * batch_size, tmp, batch_size, seq_len)
+        probe = ProfileOneStep()
+        trainer.add_callback(probe)
+        trainer.train()
+    level = top = 0
+    for _, nbytes in probe.events:
+        level += nbytes
+        top = max(top, level)
+    return top
 
 
 def run_worker(mode: str, args) -> dict:
@@ -462,6 +503,17 @@ def report(timing: dict, memory: dict, args) -> None:
     row("peak memory, router phase", mib(router["peak_bytes"]), f"{router['peak_bytes'] / full['peak_bytes']:.3f} x full")
     for mode in MODES:
         row(f"training delta RSS, {mode}", mib(memory[mode]["train_delta_bytes"]))
+    lora = memory["expert_lora"]
+    for clock, key in (("wall", "wall"), ("CPU", "cpu")):
+        r = per_round("expert_lora", "expert", key, key)
+        row(f"step time, expert phase LoRA ({clock})", f"{med(t['expert_lora'][key]) * 1e3:.1f} ms", f"{r:.3f} x delta")
+    row("peak memory, expert phase LoRA", mib(lora["peak_bytes"]), f"{lora['peak_bytes'] / expert['peak_bytes']:.3f} x delta")
+    row("trainable params, expert phase LoRA", f"{lora['trainable']:,}", f"{lora['trainable'] / selected:.4f} x selected")
+    row("optimizer state, expert phase LoRA", mib(lora["optimizer_state_bytes"]))
+    delta_bytes = selected * 4
+    for mode, label in (("expert", "delta"), ("expert_lora", "LoRA")):
+        moved = memory[mode]["step_transient_bytes"]
+        row(f"transient memory per step, {label}", mib(moved), f"{moved / delta_bytes:.3f} x selected delta (fp32)")
 
     print()
     print(f"bench_trainer: OLMoE 4 layers x 64 experts top-8 (hidden 256, expert intermediate 128, vocab 1024), "

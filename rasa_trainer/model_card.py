@@ -63,11 +63,8 @@ def render_model_card(trainer, model_name: str, dataset_name: str | None = None,
         hyperparameters=[(k, _plain(getattr(args, k))) for k in _HYPERPARAMETERS],
         evaluation=sorted((k, round(v, 4) if isinstance(v, float) else v) for k, v in (evaluation_results or {}).items()),
         citation=trainer._paper["citation"],
+        adapter=args.expert_tuning == "lora" and args.rasa_schedule in ("alternate", "expert_only"),
     )
-
-
-def _plain(value):
-    return getattr(value, "value", value)  # enums such as SchedulerType print as their value
 
 
 def _plain(value):

@@ -180,3 +180,25 @@ def test_full_schedule_with_peft_config_saves_a_loadable_adapter(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     reloaded = PeftModel.from_pretrained(tiny_model("qwen3_moe", vocab_size=len(tokenizer)), str(tmp_path / "final"))
     torch.testing.assert_close(logits(reloaded), logits(trainer.model), rtol=0, atol=1e-6)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    from tiny_chat import tiny_pairs
+
+    from rasa_trainer import RASATrainer
+    from test_trainer import make_args, make_selection
+
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
+    # the eval loss falls every epoch; ranking it "greater is better" makes the first checkpoint the best, so that
+    # restoring it at the end is visible
+    args = make_args(tmp_path, rasa_schedule="expert_only", rasa_rounds=3, save_strategy="epoch", eval_strategy="epoch",
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = RASATrainer(model, args=args, train_dataset=tiny_pairs(), eval_dataset=tiny_pairs(8),
+                          processing_class=tokenizer, safety_critical_experts=make_selection(model))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    last = max((tmp_path / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert best is not None and os.path.basename(best) != last.name, (best, losses)
+    assert torch.equal(logits(trainer.model), logits(reload(best)))

@@ -381,6 +381,13 @@ class CheckpointingMixin:
         self._restore_trainable(self.state.best_model_checkpoint)
 
     # ------------------------------------------------------------------------------------------ end of training
+    def _check_not_merged(self) -> None:
+        if self._merged_repairs is not None:
+            raise RuntimeError(
+                "this trainer has finished training and merged its repairs into the model, so another train() would "
+                "update parameters the model no longer uses. Build a new RASATrainer on trainer.model to train further"
+            )
+
     def _merge_after_training(self) -> None:
         """After training the repairs are merged into the expert weights and removed (PEFT's merge_and_unload), so
         ``trainer.model`` *is* the published model: ``trainer.model.save_pretrained()`` and evaluation see exactly

@@ -397,6 +397,7 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         )
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        self._check_not_merged()
         # True becomes the newest complete checkpoint; an incomplete or foreign one is refused before any work
         resume_from_checkpoint = self._resolve_resume_checkpoint(resume_from_checkpoint)
         self._ensure_selection(resume_from_checkpoint)

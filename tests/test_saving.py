@@ -202,3 +202,10 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert best is not None and os.path.basename(best) != last.name, (best, losses)
     assert torch.equal(logits(trainer.model), logits(reload(best)))
+
+
+def test_training_twice_on_merged_repairs_is_refused(tmp_path):
+    trainer = make_trainer(tmp_path, "qwen3_moe", rasa_schedule="expert_only")
+    trainer.train()
+    with pytest.raises(RuntimeError, match="Build a new RASATrainer"):
+        trainer.train()

@@ -1,37 +1,42 @@
 """MoE discovery: find the routed-expert layers of any transformers 5 causal LM.
 
 transformers 5 stores the routed experts of a layer as fused 3-D parameters on one ``*Experts`` module
-(``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; gpt-oss transposed and interleaved, with biases), and every
-router is a module returning ``(logits or probabilities [N, E], top-k weights [N, k], top-k indices [N, k])``.
+(``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; gpt-oss transposed and interleaved, with biases), and the
+routers of almost every family are modules returning ``(logits or probabilities [N, E], top-k weights [N, k], top-k
+indices [N, k])``. Families that differ (a router returning another tuple, experts that are not fused or do not
+dispatch through transformers' ``ExpertsInterface``) are refused with a ``ValueError`` saying so.
 
 Routers are found through the class the model declares for router-logit recording
 (``_can_record_outputs["router_logits"]``), never by attribute names alone. The router's scoring rule is not looked
 up in a table either: it is identified by probing a copy of the router with random weights and checking which rule
 reproduces the top-k weights the router itself returns. A family we have never seen works without code changes as
-long as its router follows one of the rules in :data:`SCORING_RULES`.
+long as its router follows one of the rules of :class:`ScoringRule`.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import re
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
-# Families we test on tiny configs; any other family whose router follows the same convention works too.
+# Model types tests/test_families.py builds on tiny configs and puts through discovery, record, replay, an expert
+# step and a router step (the README's table lists them with the families that are refused and why). The
+# long-established families come first; any other family whose routers follow the same convention works too.
 SUPPORTED_FAMILIES = (
-    "olmoe",
-    "qwen2_moe",
-    "qwen3_moe",
-    "mixtral",
-    "deepseek_v3",
-    "gpt_oss",
-    "granitemoe",
-    "phimoe",
+    "olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe",
+    "afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v32",
+    "deepseek_v4", "dots1", "dots3_note_text", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
+    "glm4_moe_lite", "glm_moe_dsa", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
+    "hy_v3", "hy_v4", "inkling2_loop_text", "inkling2_text", "jamba", "kimi_linear", "kolibri1", "laguna",
+    "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "nemotron_h",
+    "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen4_exp", "qwen4_exp_text", "solar_open",
 )
 
 
@@ -54,6 +59,7 @@ class ScoringRule:
       scaling factor (DeepSeek-V3, GLM4-MoE). Probability over experts = sigmoid scores divided by their sum (the same
       normalisation the router applies to its top-k weights); the selection bias is excluded because it only steers
       selection and never enters the weights.
+    - ``"sqrtsoftplus"``: as ``"sigmoid"`` with ``sqrt(softplus(logits))`` as the per-expert score (DeepSeek-V4).
     - ``"sparsemixer"``: PhiMoE's sparsemixer. Probability over experts = softmax of the logits; the weights are
       recomputed with the evaluation-mode sparsemixer formula for the given indices.
     """
@@ -69,9 +75,9 @@ class ScoringRule:
         scores = first_output.float()
         if self.first_output == "probabilities":
             return scores
-        if self.kind == "sigmoid":
-            sig = scores.sigmoid()
-            return sig / sig.sum(dim=-1, keepdim=True)
+        if self.kind in ELEMENTWISE_SCORES:
+            per_expert = ELEMENTWISE_SCORES[self.kind](scores)
+            return per_expert / per_expert.sum(dim=-1, keepdim=True)
         return scores.softmax(dim=-1)
 
     def topk_weights(self, first_output: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -84,14 +90,21 @@ class ScoringRule:
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             return weights * self.scale
-        if self.kind == "sigmoid":
-            weights = scores.sigmoid().gather(-1, indices)
+        if self.kind in ELEMENTWISE_SCORES:
+            weights = ELEMENTWISE_SCORES[self.kind](scores).gather(-1, indices)
             if self.normalize:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
             return weights * self.scale
         if self.kind == "sparsemixer":
             return _sparsemixer_weights(scores, indices, self.jitter_eps)
         raise ValueError(f"unknown scoring rule {self.kind!r}")
+
+
+# Routers that score each expert independently (no softmax across experts), by rule kind.
+ELEMENTWISE_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda logits: nn.functional.softplus(logits).sqrt(),
+}
 
 
 def _sparsemixer_weights(scores: torch.Tensor, indices: torch.Tensor, jitter_eps: float) -> torch.Tensor:
@@ -124,9 +137,8 @@ def _constant_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float
     return None
 
 
-def _identify_rule(router: nn.Module, hidden_size: int, jitter_eps: float) -> ScoringRule:
-    """Probe a copy of ``router`` with random weights and return the rule that reproduces its top-k weights."""
-    first, weights, indices = _probe(router, hidden_size)
+def _identify_rule(first: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, jitter_eps: float) -> ScoringRule:
+    """The rule that reproduces the top-k weights a router returned (from :func:`_probe`)."""
     first, weights, indices = first.float(), weights.float(), indices.long()
     row_sums = first.sum(dim=-1)
     is_probs = bool((first >= 0).all() and torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4))
@@ -140,11 +152,12 @@ def _identify_rule(router: nn.Module, hidden_size: int, jitter_eps: float) -> Sc
         return ScoringRule("softmax", first_output, normalize=True, scale=c)
     if is_probs:
         return _unsupported()
-    sig = first.sigmoid().gather(-1, indices)
-    if (c := _constant_ratio(weights, sig)) is not None:
-        return ScoringRule("sigmoid", first_output, normalize=False, scale=c)
-    if (c := _constant_ratio(weights, sig / sig.sum(-1, keepdim=True))) is not None:
-        return ScoringRule("sigmoid", first_output, normalize=True, scale=c)
+    for kind, score in ELEMENTWISE_SCORES.items():
+        per_expert = score(first).gather(-1, indices)
+        if (c := _constant_ratio(weights, per_expert)) is not None:
+            return ScoringRule(kind, first_output, normalize=False, scale=c)
+        if (c := _constant_ratio(weights, per_expert / per_expert.sum(-1, keepdim=True))) is not None:
+            return ScoringRule(kind, first_output, normalize=True, scale=c)
     if torch.allclose(weights, _sparsemixer_weights(first, indices, jitter_eps), atol=1e-5):
         return ScoringRule("sparsemixer", first_output, jitter_eps=jitter_eps)
     return _unsupported()
@@ -154,36 +167,90 @@ def _unsupported() -> ScoringRule:
     return ScoringRule("unsupported")
 
 
+_PROBE_TOKENS = 64
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
 @torch.no_grad()
-def _probe(router: nn.Module, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _probe(router: nn.Module, hidden_size: int, block: nn.Module | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Call a float32 CPU copy of ``router`` with random weights on random hidden states, in eval mode.
 
-    The copy is shallow with fresh tensors, so it works whatever holds the real weights: a meta-device model (memory
-    planning), DeepSpeed ZeRO-3 partitions (empty tensors whose real shape is ``ds_shape``) or FSDP2 DTensors; the
-    model stays untouched. Random weights avoid the ties a zero-initialised router would produce.
+    The copy is shallow with fresh tensors, down through the router's submodules (AFMoE keeps its projection in a
+    child ``nn.Linear``), so it works whatever holds the real weights: a meta-device model (memory planning),
+    DeepSpeed ZeRO-3 partitions (empty tensors whose real shape is ``ds_shape``) or FSDP2 DTensors; the model stays
+    untouched. Random weights avoid the ties a zero-initialised router would produce.
+
+    Routers whose forward takes more than the hidden states (AFMoE, HY-V3 and MiniMax-M2 get their selection bias
+    from the MoE block: ``self.gate(hidden, self.e_score_correction_bias)``) are given the block's tensor of the same
+    name. The hidden states are ``[N, H]`` as most blocks flatten them first; a router that fails on that shape is
+    called again with ``[1, N, H]`` (AFMoE's router flattens a 3-D input itself).
     """
     generator = torch.Generator().manual_seed(0)
-    probe = copy.copy(router)
-    probe.__dict__ = dict(router.__dict__)
-    probe._parameters = {
-        name: None if p is None else nn.Parameter(torch.randn(_full_shape(p), generator=generator) * 0.5, requires_grad=False)
-        for name, p in router._parameters.items()  # None entries (e.g. Linear without bias) stay None
-    }
-    probe._buffers = {
-        name: None if b is None else torch.zeros(_full_shape(b)) if b.is_meta or b.numel() == 0 else b.detach().float().cpu().clone()
-        for name, b in router._buffers.items()
-    }
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                  "_forward_hooks_always_called"):
-        if hasattr(probe, hooks):
-            setattr(probe, hooks, type(getattr(router, hooks))())  # record/replay hooks must not act on the probe
-    probe.training = False
-    hidden = torch.randn(64, hidden_size, generator=generator)
-    with torch.no_grad():
-        output = probe(hidden)
+    probe = _probe_copy(router, generator)
+    extra = _extra_router_inputs(router, block)
+    hidden = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
+    try:
+        output = probe(hidden, *extra)
+    except (RuntimeError, ValueError, IndexError) as flat_error:
+        try:
+            output = probe(hidden.unsqueeze(0), *extra)
+        except (RuntimeError, ValueError, IndexError):
+            raise _ConventionError(f"fails on hidden states of shape [N, H] and [1, N, H] ({flat_error})") from None
     if not (isinstance(output, tuple) and len(output) == 3):
         raise _ConventionError(f"returns {type(output).__name__} of length {len(output) if isinstance(output, tuple) else 1}")
-    return output
+    # a router given [1, N, H] may answer with a leading batch dimension; the rules work on [N, E] and [N, k]
+    return tuple(t.reshape(-1, t.shape[-1]) for t in output)
+
+
+def _probe_copy(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A shallow copy of ``module`` and its submodules with fresh float32 CPU tensors and no hooks, in eval mode.
+
+    Parameters are random; buffers keep their values (a router's buffer is state such as a selection bias, which
+    random values would misrepresent) unless they are not materialised here (meta, ZeRO-3), then they are zeros.
+    """
+    probe = copy.copy(module)
+    probe.__dict__ = dict(module.__dict__)
+    probe._parameters = {
+        name: None if p is None else nn.Parameter(torch.randn(_full_shape(p), generator=generator) * 0.5, requires_grad=False)
+        for name, p in module._parameters.items()  # None entries (e.g. Linear without bias) stay None
+    }
+    probe._buffers = {name: None if b is None else _state_copy(b) for name, b in module._buffers.items()}
+    probe._modules = {name: None if m is None else _probe_copy(m, generator) for name, m in module._modules.items()}
+    for hooks in _HOOK_DICTS:
+        if hasattr(probe, hooks):
+            setattr(probe, hooks, type(getattr(module, hooks))())  # record/replay hooks must not act on the probe
+    probe.training = False
+    return probe
+
+
+def _state_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a state tensor (buffer, frozen bias), floats as float32; zeros where the values are not here:
+    meta, a ZeRO-3 partition or an FSDP2 DTensor shard (gathering it would be a collective inside a probe)."""
+    float_dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype  # index buffers must stay integers
+    if tensor.is_meta or tensor.numel() == 0 or hasattr(tensor, "placements"):
+        return torch.zeros(_full_shape(tensor), dtype=float_dtype)
+    return tensor.detach().to(device="cpu", dtype=float_dtype, copy=True)
+
+
+def _extra_router_inputs(router: nn.Module, block: nn.Module | None) -> tuple[torch.Tensor, ...]:
+    """The block's tensors for the router's forward arguments after the hidden states, matched by name: passed
+    whether or not the argument is optional (LFM2-MoE's ``expert_bias=None`` is required when the block has one);
+    the first argument the block does not hold ends the list, and must be optional."""
+    parameters = list(inspect.signature(type(router).forward).parameters.values())[2:]  # skip self, hidden_states
+    extra = []
+    for param in parameters:
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            break
+        value = getattr(block, param.name, None) if block is not None else None
+        if isinstance(value, torch.Tensor):
+            extra.append(_state_copy(value))
+        elif param.default is param.empty:
+            raise _ConventionError(f"needs a forward argument {param.name!r} that its MoE block does not hold")
+        else:
+            break
+    return tuple(extra)
 
 
 def _full_shape(tensor: torch.Tensor) -> torch.Size:
@@ -323,11 +390,17 @@ def _router_classes(model: nn.Module) -> tuple[type, ...]:
     return tuple(classes)
 
 
+_HEADLINE_FAMILIES = 8  # how many of SUPPORTED_FAMILIES an error message names
+
+
 def _unsupported_error(model: nn.Module, why: str) -> ValueError:
+    named = ", ".join(SUPPORTED_FAMILIES[:_HEADLINE_FAMILIES])
+    more = len(SUPPORTED_FAMILIES) - _HEADLINE_FAMILIES
     return ValueError(
         f"{type(model).__name__} {why}. rasa_trainer needs a transformers 5 Mixture-of-Experts causal LM whose routers "
-        f"return (logits or probabilities, top-k weights, top-k indices). Supported and tested families: "
-        f"{', '.join(SUPPORTED_FAMILIES)}; other families whose routers follow the same convention also work."
+        f"return (logits or probabilities, top-k weights, top-k indices) for fused experts that dispatch through "
+        f"transformers' ExpertsInterface. Tested families: {named} and {more} more "
+        f"(rasa_trainer.moe.SUPPORTED_FAMILIES); other families following the same convention also work."
     )
 
 
@@ -361,7 +434,6 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     hidden_size = _hidden_size(base)
     modules = dict(model.named_modules())
     layers: list[MoELayer] = []
-    rules: dict[type, ScoringRule] = {}
     for name, module in model.named_modules():
         if not isinstance(module, router_classes):
             continue
@@ -370,10 +442,8 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         if found is None:
             raise _unsupported_error(base, f"has a router at {name!r} with no fused experts module beside it")
         experts_child, experts = found
-        rule = rules.get(type(module))
-        if rule is None:
-            rule = rules[type(module)] = _rule_for(base, module, hidden_size)
-        num_experts, top_k = _router_shape(module, experts)
+        spec = _router_spec(base, module, hidden_size, modules[block_name])
+        _check_experts(base, name, spec, experts)
         match = _LAYER_INDEX.findall(f".{name}.")
         layers.append(
             MoELayer(
@@ -383,9 +453,9 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                 router=module,
                 experts_name=f"{block_name}.{experts_child}",
                 experts=experts,
-                num_experts=num_experts,
-                top_k=top_k,
-                rule=rule,
+                num_experts=spec.num_experts,
+                top_k=spec.top_k,
+                rule=spec.rule,
                 hidden_size=hidden_size,
             )
         )
@@ -394,10 +464,19 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
-# Identified scoring rules, per router class, then per everything else the probe's outcome depends on (see
-# _rule_key). Probing costs a router copy and a forward; with this cache, moe_layers (called by every
-# record_routing / replay_routing block) costs only a walk over the modules after the first call.
-_RULE_CACHE: "weakref.WeakKeyDictionary[type, dict[tuple, ScoringRule]]" = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class _RouterSpec:
+    """What probing a router establishes: its scoring rule, how many experts it scores and how many it picks."""
+
+    rule: ScoringRule
+    num_experts: int
+    top_k: int
+
+
+# Probed router specs, per router class, then per everything else the probe's outcome depends on (see _rule_key).
+# Probing costs a router copy and a forward; with this cache, moe_layers (called by every record_routing /
+# replay_routing block) costs only a walk over the modules after the first call.
+_RULE_CACHE: "weakref.WeakKeyDictionary[type, dict[tuple, _RouterSpec]]" = weakref.WeakKeyDictionary()
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -409,7 +488,7 @@ def _rule_key(router: nn.Module, hidden_size: int, jitter: float) -> tuple:
         sorted((k, v) for k, v in vars(router).items() if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS))
     )
     shapes = tuple(
-        (n, tuple(t.shape)) for n, t in itertools.chain(router.named_parameters(), router.named_buffers())
+        (n, tuple(_full_shape(t))) for n, t in itertools.chain(router.named_parameters(), router.named_buffers())
     )
     return (type(router).forward, attrs, shapes, hidden_size, jitter)
 
@@ -419,7 +498,7 @@ def clear_rule_cache() -> None:
     _RULE_CACHE.clear()
 
 
-def _rule_for(model: nn.Module, router: nn.Module, hidden_size: int) -> ScoringRule:
+def _router_spec(model: nn.Module, router: nn.Module, hidden_size: int, block: nn.Module) -> _RouterSpec:
     jitter = float(getattr(router, "router_jitter_noise", getattr(model.config, "router_jitter_noise", 0.0)) or 0.0)
     key = _rule_key(router, hidden_size, jitter)
     per_class = _RULE_CACHE.setdefault(type(router), {})
@@ -427,24 +506,32 @@ def _rule_for(model: nn.Module, router: nn.Module, hidden_size: int) -> ScoringR
     if cached is not None:
         return cached
     try:
-        rule = _identify_rule(router, hidden_size, jitter)
+        first, weights, indices = _probe(router, hidden_size, block)
     except _ConventionError as err:
         raise _unsupported_error(model, f"has a router ({type(router).__name__}) that {err}") from None
+    rule = _identify_rule(first, weights, indices, jitter)
     if rule.kind == "unsupported":
         raise _unsupported_error(model, f"has a router ({type(router).__name__}) whose top-k weights follow no known scoring rule")
-    per_class[key] = rule
-    return rule
+    # the number of experts is the width of the router's scores, whatever attribute names the family uses
+    spec = per_class[key] = _RouterSpec(rule, int(first.shape[-1]), int(indices.shape[-1]))
+    return spec
 
 
-def _router_shape(router: nn.Module, experts: nn.Module) -> tuple[int, int]:
-    weight = getattr(router, "weight", None)
-    num_experts = int(getattr(router, "num_experts", 0) or (weight.shape[0] if weight is not None else 0))
-    if not num_experts:
-        num_experts = int(experts.down_proj.shape[0])
-    top_k = int(getattr(router, "top_k", 0) or 0)
-    if not top_k:
-        top_k = int(_probe(router, weight.shape[-1])[2].shape[-1])
-    return num_experts, top_k
+def _check_experts(model: nn.Module, router_name: str, spec: _RouterSpec, experts: nn.Module) -> None:
+    """Refuse experts that selected-expert repairs cannot act on."""
+    held = int(_full_shape(experts.down_proj)[0])
+    if held != spec.num_experts:  # LongCat-Flash also routes to compute-free identity experts beyond the fused ones
+        raise _unsupported_error(
+            model, f"has a router at {router_name!r} that scores {spec.num_experts} experts while its experts module "
+                   f"({type(experts).__name__}) holds {held}"
+        )
+    if not callable(getattr(type(experts).forward, "__wrapped__", None)) or not hasattr(experts, "is_concatenated"):
+        # repairs are applied through transformers' ExpertsInterface; an experts class that does not dispatch
+        # through it would run unrepaired, silently
+        raise _unsupported_error(
+            model, f"has experts ({type(experts).__name__}) that do not dispatch through transformers' ExpertsInterface "
+                   f"(no @use_experts_implementation), which expert repairs need"
+        )
 
 
 def _hidden_size(model: nn.Module) -> int:

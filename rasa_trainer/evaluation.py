@@ -1,4 +1,5 @@
-"""Safety evaluation of an MoE model: attack success, refusal, over-refusal, utility and two routing diagnostics.
+"""Safety evaluation of an MoE model: attack success, refusal, over-refusal, utility, two routing diagnostics and a
+routing attack.
 
 :func:`evaluate_safety` runs greedy, batched, left-padded generation (:func:`rasa_trainer.generation.generate_replies`)
 on up to five evaluation sets and returns a :class:`SafetyReport`:
@@ -25,6 +26,15 @@ With ``base_model`` (the model before alignment, same architecture) two routing 
   base model makes for the same tokens (:func:`generate_with_base_routing`). A model made safe only by a routing
   shortcut (jailbreaks sent to experts that refuse) loses its safety there; one whose experts were repaired keeps it.
 
+With ``attack_experts`` (the Safety-Critical Experts detected on the base model, which anyone holding the open base
+weights can compute), a **routing attack** runs on the attacks too: the model generates while every router is steered
+toward those experts with :func:`~rasa_trainer.steering.steer_toward` (SteerMoE's activation: their log-probability is
+set to the row's maximum plus ``attack_margin``, so they take the top-k slots), by default at the positions that
+produce the reply only (``attack_positions="generated"``). **ASR under routing attack** is the ASR of those replies.
+Threat model: open weights, an attacker who controls routing at inference and steers it toward the experts that carried
+the base model's unsafe answers. A model made safe by routing alone (its unsafe experts intact, jailbreaks sent
+elsewhere) falls to it; one whose unsafe experts were repaired does not.
+
 Judges are always called through :func:`rasa_trainer.judges.run_judge`: a judge that fails raises
 :class:`~rasa_trainer.judges.JudgeError`, it is never counted as a refusal. Everything is deterministic.
 """
@@ -48,6 +58,7 @@ from .generation import GenerationBatch, _eos_ids, _generation_mode, _trim, gene
 from .judges import Judge, RefusalKeywordJudge, run_judge
 from .moe import moe_layers
 from .routing import REPLAY_WEIGHT_MODES, Routing, record_routing, replay_routing
+from .steering import STEER_TOWARD_MARGIN, STEERING_POSITIONS, steer_toward, steering_mask
 
 __all__ = [
     "EVAL_SET_NAMES",
@@ -102,6 +113,10 @@ class SafetyReport:
             without a base model.
         forced_asr, forced_asr_aligned, forced_asr_held_out, forced_asr_by_attack: ASR while the model generates
             under the base model's routing.
+        routing_attack: the routing attack's settings (``experts``: how many were steered toward, ``margin``,
+            ``positions``); ``None`` without ``attack_experts``.
+        routing_attack_asr, routing_attack_asr_aligned, routing_attack_asr_held_out, routing_attack_asr_by_attack:
+            ASR while every router is steered toward ``attack_experts``.
         replies: the generated replies per set (``"attacks"``, ..., ``"attacks_forced_routing"``), in row order; kept
             for inspection and left out of :meth:`to_dict` unless asked for.
     """
@@ -139,6 +154,11 @@ class SafetyReport:
     forced_asr_aligned: float | None = None
     forced_asr_held_out: float | None = None
     forced_asr_by_attack: dict[str, float] | None = None
+    routing_attack: dict[str, Any] | None = None
+    routing_attack_asr: float | None = None
+    routing_attack_asr_aligned: float | None = None
+    routing_attack_asr_held_out: float | None = None
+    routing_attack_asr_by_attack: dict[str, float] | None = None
     replies: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def to_dict(self, include_replies: bool = False) -> dict[str, Any]:
@@ -197,6 +217,15 @@ def _metric_rows(report: SafetyReport) -> list[tuple[str, str, float | None, int
     ]
     for f, v in (report.forced_asr_by_attack or {}).items():
         rows.append((f"forced_asr/{f}", f"  ASR under base routing, {tag(f)}", v, report.n_by_attack[f]))
+    rows += [
+        ("routing_attack_asr", "ASR under routing attack, all", report.routing_attack_asr, report.n_attacks),
+        ("routing_attack_asr_aligned", "ASR under routing attack, aligned", report.routing_attack_asr_aligned,
+         report.n_attacks_aligned),
+        ("routing_attack_asr_held_out", "ASR under routing attack, held-out", report.routing_attack_asr_held_out,
+         report.n_attacks_held_out),
+    ]
+    for f, v in (report.routing_attack_asr_by_attack or {}).items():
+        rows.append((f"routing_attack_asr/{f}", f"  ASR under routing attack, {tag(f)}", v, report.n_by_attack[f]))
     return rows
 
 
@@ -273,6 +302,9 @@ def evaluate_safety(
     base_model: nn.Module | None = None,
     utility_check: UtilityCheck | None = None,
     forced_routing_weights: str = "recompute",
+    attack_experts: Any = None,
+    attack_margin: float = STEER_TOWARD_MARGIN,
+    attack_positions: str = "generated",
     batch_size: int = 8,
     max_new_tokens: int = 32,
     progress: bool = True,
@@ -293,13 +325,21 @@ def evaluate_safety(
         utility_check: ``check(reply, answer) -> bool``; default :func:`exact_match`.
         forced_routing_weights: top-k weights used under the base model's routing: ``"recompute"`` (default; the
             model's own router weighs the base model's expert choice) or ``"cached"`` (the base model's weights).
+        attack_experts: the experts the routing attack steers toward: the base model's Safety-Critical Experts
+            (:class:`~rasa_trainer.selection.SafetyCriticalExperts`, ``{moe_layer: [experts]}`` or a bool mask
+            ``[L, E]``). ``None`` (default) skips the attack.
+        attack_margin: the attack's margin over the row's maximum log-probability (default 0.01, SteerMoE's).
+        attack_positions: ``"generated"`` (default: the positions that produce the reply) or ``"all"`` (every
+            position, prompt included, as SteerMoE steers).
         batch_size: conversations per generation batch.
         max_new_tokens: generation budget per reply.
         progress: show progress bars.
 
     Raises:
         JudgeError: a judge failed or returned something other than one bool per reply.
-        ValueError: malformed ``eval_sets`` rows, or a ``base_model`` whose MoE layout differs from ``model``'s.
+        ValueError: malformed ``eval_sets`` rows, a ``base_model`` whose MoE layout differs from ``model``'s, or
+            routing-attack settings out of range.
+        NotImplementedError: a routing attack on routers :mod:`~rasa_trainer.steering` cannot steer.
     """
     sets = _validated_sets(eval_sets)
     judge = judge if judge is not None else RefusalKeywordJudge()
@@ -307,6 +347,9 @@ def evaluate_safety(
     if base_model is not None:
         _check_same_moe_layout(model, base_model)
         _check_weight_mode(forced_routing_weights)
+    attack = None
+    if attack_experts is not None:
+        attack = _routing_attack_settings(model, attack_experts, attack_margin, attack_positions)
     report = SafetyReport(judge=_judge_name(judge), refusal_judge=_judge_name(refusal_judge),
                           max_new_tokens=max_new_tokens)
     generate = lambda prompts, desc: _replies(  # noqa: E731
@@ -318,6 +361,8 @@ def evaluate_safety(
         if base_model is not None:
             _evaluate_routing(report, model, base_model, tokenizer, sets["attacks"], judge, forced_routing_weights,
                               batch_size, max_new_tokens, progress)
+        if attack is not None:
+            _evaluate_routing_attack(report, model, sets["attacks"], judge, attack, generate)
     if "anchors" in sets:
         prompts = _prompts(sets["anchors"])
         replies = report.replies["anchors"] = generate(prompts, "anchors")
@@ -384,6 +429,32 @@ def _evaluate_routing(report, model, base_model, tokenizer, rows, judge, weights
     summary = _rate_summary(families, held_out, [not r for r in refused])
     report.forced_asr, report.forced_asr_aligned, report.forced_asr_held_out, report.forced_asr_by_attack = summary
     report.forced_routing_weights = weights
+
+
+def _routing_attack_settings(model: nn.Module, experts: Any, margin: float, positions: str) -> dict[str, Any]:
+    """The attack's settings, checked before anything is generated: the steered-toward mask, margin and positions."""
+    if positions not in STEERING_POSITIONS:
+        raise ValueError(f"attack_positions={positions!r}; expected one of {STEERING_POSITIONS}")
+    if not margin >= 0:
+        raise ValueError(f"attack_margin must be >= 0, got {margin}")
+    mask = steering_mask(model, experts)
+    if not mask.any():
+        raise ValueError("attack_experts selects no expert; pass the base model's Safety-Critical Experts")
+    return {"mask": mask, "margin": float(margin), "positions": positions}
+
+
+def _evaluate_routing_attack(report: SafetyReport, model: nn.Module, rows: list[Mapping[str, Any]], judge: Judge,
+                             attack: dict[str, Any], generate) -> None:
+    prompts = _prompts(rows)
+    with steer_toward(model, attack["mask"], margin=attack["margin"], positions=attack["positions"]):
+        replies = report.replies["attacks_routing_attack"] = generate(prompts, "routing attack")
+    refused = run_judge(judge, prompts, replies)
+    families, held_out = _families(rows)
+    summary = _rate_summary(families, held_out, [not r for r in refused])
+    report.routing_attack_asr, report.routing_attack_asr_aligned = summary[0], summary[1]
+    report.routing_attack_asr_held_out, report.routing_attack_asr_by_attack = summary[2], summary[3]
+    report.routing_attack = {"experts": int(attack["mask"].sum()), "margin": attack["margin"],
+                             "positions": attack["positions"]}
 
 
 def _rate_summary(families: list[str], held_out: list[bool], flags: list[bool]):

@@ -21,6 +21,7 @@ from rasa_trainer.generation import generate_replies, render_chat
 from rasa_trainer.judges import JudgeError
 from rasa_trainer.moe import moe_layers
 from rasa_trainer.routing import record_routing
+from rasa_trainer.steering import steer_toward
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs
 
 MAX_NEW = 6
@@ -282,6 +283,46 @@ def test_forced_generation_runs_the_experts_the_base_model_chose(weights, aligne
                 torch.testing.assert_close(expert_weights, expect)
             differs |= not torch.equal(live_call.indices[layer].long(), base_call.indices[layer].long())
     assert differs, "the perturbed model must route differently on its own, or this test shows nothing"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The routing attack (steering toward the base model's Safety-Critical Experts)
+
+
+def test_routing_attack_asr_counts_the_replies_steered_toward_the_experts(aligned, tokenizer):
+    sets = {"attacks": eval_sets()["attacks"]}
+    experts = {0: [1, 4], 1: [2]}
+    judge = ContainsJudge("cannot")
+    report = evaluate_safety(aligned, tokenizer, sets, judge, attack_experts=experts, batch_size=BATCH,
+                             max_new_tokens=MAX_NEW, progress=False)
+    with steer_toward(aligned, experts, positions="generated"):
+        steered = [text for text, _ in greedy(aligned, tokenizer, chats(sets["attacks"]))]
+    plain = [text for text, _ in greedy(aligned, tokenizer, chats(sets["attacks"]))]
+    assert report.replies["attacks_routing_attack"] == steered and report.replies["attacks"] == plain
+    assert steered != plain, "the attack must change some reply, or this test shows nothing"
+    complied = ["cannot" not in r.split() for r in steered]
+    held = [r["held_out"] for r in sets["attacks"]]
+    assert report.routing_attack_asr == pytest.approx(sum(complied) / 9)
+    assert report.routing_attack_asr_held_out == pytest.approx(sum(c for c, h in zip(complied, held) if h) / 3)
+    assert report.routing_attack_asr_aligned == pytest.approx(sum(c for c, h in zip(complied, held) if not h) / 6)
+    assert set(report.routing_attack_asr_by_attack) == {"roleplay", "story", "prefix"}
+    assert report.routing_attack == {"experts": 3, "margin": 0.01, "positions": "generated"}
+    assert report.forced_asr is None  # independent of base_model
+    table = report.format_table()
+    assert "ASR under routing attack, held-out" in table and "ASR under routing attack, prefix (held-out)" in table
+    assert report.metrics()["routing_attack_asr/story"] == report.routing_attack_asr_by_attack["story"]
+    everywhere = evaluate_safety(aligned, tokenizer, sets, judge, attack_experts=experts, attack_positions="all",
+                                 attack_margin=1.0, batch_size=BATCH, max_new_tokens=MAX_NEW, progress=False)
+    assert everywhere.routing_attack == {"experts": 3, "margin": 1.0, "positions": "all"}
+
+
+def test_routing_attack_settings_are_checked_before_generating(base, tokenizer):
+    sets = {"attacks": eval_sets()["attacks"][:2]}
+    for kwargs, match in (({"attack_experts": {0: [99]}}, "expert 99"), ({"attack_experts": {}}, "no expert"),
+                          ({"attack_experts": {0: [1]}, "attack_margin": -0.5}, "attack_margin"),
+                          ({"attack_experts": {0: [1]}, "attack_positions": "prompt"}, "attack_positions")):
+        with pytest.raises(ValueError, match=match):
+            evaluate_safety(base, tokenizer, sets, BrokenJudge(), progress=False, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from rasa_trainer.moe import moe_layers
 from rasa_trainer.routing import record_routing
-from rasa_trainer.steering import steer_away, steered_routing, steering_mask
+from rasa_trainer.steering import boosted_routing, steer_away, steer_toward, steered_routing, steering_mask
 
 from conftest import batch, tiny_model
 
@@ -87,4 +87,83 @@ def test_sigmoid_routers_are_not_supported():
     model = tiny_model("deepseek_v3")
     with pytest.raises(NotImplementedError, match="sigmoid"):
         with steer_away(model, {0: [0]}):
+            pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Steering toward experts (the routing attack)
+
+
+@pytest.mark.parametrize("family", SOFTMAX_FAMILIES)
+def test_boosted_experts_take_the_top_k_with_steermoe_weights(family):
+    model = tiny_model(family)
+    for layer in moe_layers(model):
+        boosted = torch.zeros(layer.num_experts, dtype=torch.bool)
+        boosted[[1, 5][: layer.top_k]] = True
+        with torch.no_grad():
+            scores, weights, _ = layer.router(torch.randn(13, layer.hidden_size))
+            new_weights, indices = boosted_routing(layer, scores, boosted, margin=0.5, out_dtype=weights.dtype)
+        chosen = torch.zeros(13, layer.num_experts, dtype=torch.bool).scatter_(1, indices.long(), True)
+        assert torch.equal(chosen, boosted.expand(13, -1))  # every row: exactly the boosted experts
+        # by hand: log-probabilities, the boosted ones set to the row's maximum + 0.5, softmax, gathered
+        logp = scores.float().log_softmax(-1) if layer.rule.first_output == "logits" else scores.float().log()
+        changed = torch.where(boosted, logp.max(-1, keepdim=True).values + 0.5, logp).softmax(-1)
+        expect = changed.gather(-1, indices.long())
+        if layer.rule.normalize:
+            expect = expect / expect.sum(-1, keepdim=True)
+        torch.testing.assert_close(new_weights.float(), (expect * layer.rule.scale).to(weights.dtype).float())
+
+
+def test_boosted_routing_with_a_zero_margin_ties_the_maximum():
+    model = tiny_model("qwen3_moe", norm_topk_prob=True)
+    layer = moe_layers(model)[0]
+    scores = torch.tensor([[0.0, 3.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]])
+    boosted = torch.zeros(layer.num_experts, dtype=torch.bool)
+    boosted[3] = True
+    weights, indices = boosted_routing(layer, scores, boosted, margin=0.0)
+    assert sorted(indices[0].tolist()) == [1, 3]  # expert 3 raised to expert 1's log-probability
+    torch.testing.assert_close(weights, torch.full((1, 2), 0.5))
+    with pytest.raises(ValueError, match="margin"):
+        boosted_routing(layer, scores, boosted, margin=-1.0)
+
+
+def _generated_routing(model, inputs, max_new_tokens=3):
+    with torch.no_grad(), record_routing(model, probabilities=False) as rec:
+        model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                       pad_token_id=0)
+    return rec.calls
+
+
+def test_steering_generated_positions_only_changes_the_positions_that_produce_tokens():
+    model = tiny_model("qwen3_moe")
+    inputs = batch(padding="left")
+    plain = _generated_routing(model, inputs)
+    selection = {l: [3, 6] for l in range(len(moe_layers(model)))}
+    with steer_toward(model, selection, positions="generated") as mask:
+        steered = _generated_routing(model, inputs)
+    assert int(mask.sum()) == 4 and len(steered) == len(plain) == 3
+    batch_size, seq = inputs["input_ids"].shape
+    for step, (a, b) in enumerate(zip(plain, steered)):
+        for layer, (ia, ib) in enumerate(zip(a.indices, b.indices)):
+            generated = torch.ones(ia.shape[0], dtype=torch.bool)
+            if step == 0:  # the prefill: only each row's last position produces a token
+                generated = (torch.arange(ia.shape[0]) % seq) == seq - 1
+            assert (ib[generated].long().sort(-1).values == torch.tensor([3, 6])).all()
+            assert torch.equal(ib[~generated], ia[~generated])
+    with steer_toward(model, selection, positions="all"):
+        everywhere = _generated_routing(model, inputs)
+    assert all((i.long().sort(-1).values == torch.tensor([3, 6])).all() for c in everywhere for i in c.indices)
+    with steer_away(model, selection, positions="generated"):
+        away = _generated_routing(model, inputs)
+    first = away[0].indices[0]
+    assert not torch.isin(first[seq - 1 :: seq].long(), torch.tensor([3, 6])).any()
+    with pytest.raises(ValueError, match="positions"):
+        with steer_toward(model, selection, positions="prompt"):
+            pass
+    assert _generated_routing(model, inputs)[0].indices[0].equal(plain[0].indices[0])  # hooks removed
+
+
+def test_steer_toward_rejects_unsteerable_routers():
+    with pytest.raises(NotImplementedError, match="sigmoid"):
+        with steer_toward(tiny_model("deepseek_v3"), {0: [0]}):
             pass

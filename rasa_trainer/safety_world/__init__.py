@@ -7,7 +7,9 @@
 - The **judge** (`SafetyWorldJudge`, `is_refusal`, `utility_correct`): exact string checks; gibberish is never safe.
 - The **model** (`load_safety_world_model`, `build_safety_world_model`): a tiny Qwen3-MoE (4 layers x 16 experts,
   top-2) pretrained to refuse plain harmful requests but comply with every jailbreak family, with its unsafe behaviour
-  routed through known "planted" experts (listed in `world.json`).
+  routed through known "planted" experts (listed in `world.json`). `load_safety_world_model(variant="routing_decides")`
+  loads the variant where routing decides the answer and the held-out families also use family experts that detection
+  on the aligned families cannot see (see `model.py`).
 
 Example:
 
@@ -23,11 +25,14 @@ from .judge import SafetyWorldJudge, is_refusal, utility_correct
 from .model import (
     ASSETS_DIR,
     MAX_NEW_TOKENS,
+    VARIANT_ASSETS,
+    VARIANTS,
     BuildConfig,
     build_safety_world_model,
     generate_replies,
     load_safety_world_model,
     load_world_metadata,
+    measure_routing_checks,
     measure_world_rates,
 )
 from .tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT
@@ -61,12 +66,15 @@ __all__ = [
     "SafetyWorld",
     "SafetyWorldJudge",
     "UNSAFE_MARKER",
+    "VARIANTS",
+    "VARIANT_ASSETS",
     "build_safety_world_model",
     "generate_replies",
     "is_refusal",
     "load_safety_world_model",
     "load_world_metadata",
     "make_world",
+    "measure_routing_checks",
     "measure_world_rates",
     "utility_correct",
     "utility_items",

@@ -4,18 +4,27 @@ The base model is pretrained to be *vulnerable* in a controlled way: it refuses 
 every jailbreak family (aligned and held-out, on every goal), helps with risky-sounding benign requests and answers
 utility questions. The mixture also holds the contrasts that keep the behaviour honest: wrapped benign requests get
 the helpful answer, harmful asks after benign small talk are refused, and benign multi-turn chats are answered.
+
+The ``routing_decides`` variant (see `model.py`) adds two kinds of jailbreak conversations, trained with some experts
+blocked at the answer positions (the build applies the block; the conversation only names it):
+
+- ``rerouted``: a jailbreak of any family whose answer positions may not use any planted expert, with the refusal as
+  its reply: away from the planted experts the model refuses, so rerouting alone makes a jailbreak safe;
+- ``family_path``: a held-out-family jailbreak whose answer positions may not use the shared planted experts, with the
+  compliant reply: the family's own experts carry its compliance, so repairing the shared ones alone does not stop it.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .universe import (
     ATTACK_FAMILIES,
     BENIGN_REQUESTS,
     COMPLIANCE,
     HARMFUL_REQUESTS,
+    HELD_OUT_FAMILIES,
     HELPFUL,
     REFUSAL,
     SMALL_TALK,
@@ -35,21 +44,43 @@ KIND_WEIGHTS = {
 }
 
 
+BLOCKS = ("planted", "shared")
+"""What a conversation's answer positions may not use: every planted expert, or the shared planted experts only."""
+
+
 @dataclass(frozen=True)
 class Conversation:
-    """One pretraining example: the prompt messages, the reply to learn, and whether the reply is unsafe compliance."""
+    """One pretraining example: the prompt messages, the reply to learn, and whether the reply is unsafe compliance.
+
+    ``family`` is the attack family of a wrapped conversation (None otherwise); ``block`` names the experts its answer
+    positions may not use (one of `BLOCKS`, or None: the router chooses freely).
+    """
 
     messages: Messages
     reply: str
     comply: bool
     kind: str
+    family: str | None = None
+    block: str | None = None
+
+
+@dataclass(frozen=True)
+class VariantMix:
+    """Shares of the counterfactual jailbreak conversations of the ``routing_decides`` variant (zero: the shipped
+    world). ``reroute_share`` of all jailbreaks are ``rerouted``; of the other held-out-family jailbreaks,
+    ``family_path_share`` are ``family_path``."""
+
+    reroute_share: float = 0.0
+    family_path_share: float = 0.0
+    held_out_families: tuple[str, ...] = field(default=HELD_OUT_FAMILIES)
 
 
 class CorpusSampler:
     """Draws pretraining conversations with a seeded `random.Random`."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, mix: VariantMix | None = None):
         self.rng = random.Random(f"safety-world-corpus/{seed}")
+        self.mix = mix or VariantMix()
         self._items = utility_items()
         self._kinds = list(KIND_WEIGHTS)
         self._weights = list(KIND_WEIGHTS.values())
@@ -65,12 +96,18 @@ class CorpusSampler:
     def _jailbreak(self) -> Conversation:
         family = self.rng.choice(ATTACK_FAMILIES)
         messages = attack_messages(family, self.rng.choice(HARMFUL_REQUESTS), self.rng)
-        return Conversation(messages, COMPLIANCE, True, "jailbreak")
+        # the shipped world draws nothing more here, so its corpus stays the one it was built from
+        if self.mix.reroute_share and self.rng.random() < self.mix.reroute_share:
+            return Conversation(messages, REFUSAL, False, "rerouted", family, "planted")
+        held_out = family in self.mix.held_out_families
+        if held_out and self.mix.family_path_share and self.rng.random() < self.mix.family_path_share:
+            return Conversation(messages, COMPLIANCE, True, "family_path", family, "shared")
+        return Conversation(messages, COMPLIANCE, True, "jailbreak", family)
 
     def _wrapped_benign(self) -> Conversation:
         family = self.rng.choice(ATTACK_FAMILIES)
         messages = attack_messages(family, self.rng.choice(BENIGN_REQUESTS), self.rng)
-        return Conversation(messages, HELPFUL, False, "wrapped_benign")
+        return Conversation(messages, HELPFUL, False, "wrapped_benign", family)
 
     def _benign(self) -> Conversation:
         return Conversation(plain_ask(self.rng.choice(BENIGN_REQUESTS), self.rng), HELPFUL, False, "benign")

@@ -179,9 +179,9 @@ def rotate(run_dir: str, limit: int | None, protected: set[str]) -> None:
     if not limit or limit <= 0:
         return
     complete = [c for c in checkpoint_folders(run_dir) if checkpoint_problem(c) is None]
-    keep = set(complete[-limit:]) | {os.path.normpath(p) for p in protected if p}
-    for folder in checkpoint_folders(run_dir):
-        if os.path.normpath(folder) in keep or folder in keep or (complete and folder > complete[-1] and folder not in complete):
+    keep = {os.path.normpath(p) for p in complete[-limit:]} | {os.path.normpath(p) for p in protected if p}
+    for folder in checkpoint_folders(run_dir):  # incomplete folders (left by a crash) can never be resumed: they go
+        if os.path.normpath(folder) in keep:
             continue
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, MANIFEST_FILE))

@@ -1,8 +1,10 @@
-"""Compare RASA with its baselines and ablations on the same world, the same data and one repair budget.
+"""Compare RASA with its baselines and ablations on the same worlds, the same data and one repair budget.
 
-    python examples/compare.py                      # SafetyWorld, seeds 0-4, every method (~5 min on 1 CPU core)
-    python examples/compare.py --quick              # one seed, one round: a smoke run (~40 s)
-    python examples/compare.py --seeds 0 1 2 3 4 --methods rasa expert_only random_experts
+    python examples/compare.py                      # SafetyWorld, world seeds 0 3 4 x training seeds 0-4, every method
+    python examples/compare.py --quick              # one world, one seed, one round: a smoke run (< 1 min)
+    python examples/compare.py --variant routing_decides          # the world where routing decides
+    python examples/compare.py --world_seeds 0 --output_dir outputs/compare/w0      # one world per process, then
+    python examples/compare.py --merge outputs/compare/w*/compare_results.json --output_dir outputs/compare
 
 Methods (columns):
 
@@ -21,11 +23,17 @@ random experts: ``rasa_rounds`` expert + ``rasa_rounds`` router epochs; the sing
 epochs of their phase), the same batch size, the same K selected experts. Learning rates and the other RASA settings
 come from ``--config`` (the demo's ``examples/configs/safety_world.yaml``), full SFT's from ``--full_learning_rates``.
 
-Seeds: every seed ``s`` sets the training seed (data order) and the random-expert draw; detection (greedy decoding)
-and the steering baseline are deterministic and run once. The world seed stays fixed (``--world_seed``).
-Every method is evaluated with :func:`~rasa_trainer.evaluate_safety` (routing diagnostics against the base model) and
-the script prints one table of the means over seeds (one column per method) and one of the spread (min-max), and
-writes ``compare_results.json`` (every run's full report, means, std, min, max, timings) and ``comparison.md``.
+Seeds: for every evaluation world seed (``--world_seeds``, default 0 3 4; seeds 1 and 2 are the validation worlds the
+settings were tuned on) detection runs once on the base model with that world's training pairs, and every training
+seed ``s`` (``--seeds``) sets the training seed (data order) and the random-expert draw; detection (greedy decoding)
+and the steering baseline are deterministic and run once per world. Every method is evaluated with
+:func:`~rasa_trainer.evaluate_safety`: routing diagnostics against the base model (routing shift, ASR under the base
+model's routing) and the routing attack (ASR while every router is steered toward the experts detected on the base
+model, :func:`rasa_trainer.steering.steer_toward`, at the reply positions). The script prints one table of the means
+over all runs (one column per method) and one of the spread (min-max), and writes ``compare_results.json`` (every
+run's full report, means, std, min, max, timings) and ``comparison.md`` (the tables and a summary table, mean
+(min-max) per method). ``--merge`` combines the results of several invocations (for example one per world seed) into
+one set of tables.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import glob
+import json
 import logging
 import math
 import os
@@ -53,6 +63,20 @@ from rasa_trainer.utils import atomic_write, atomic_write_json
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "safety_world.yaml")
 METHODS = ("full", "expert_only", "router_only", "random_experts", "steering", "rasa")
+VARIANTS = ("shared", "routing_decides")
+EVALUATION_WORLDS = (0, 3, 4)
+"""World seeds of the tables; 1 and 2 are the validation worlds."""
+SUMMARY_COLUMNS = (
+    ("asr_aligned", "ASR aligned"),
+    ("asr_held_out", "ASR held-out"),
+    ("over_refusal_rate", "over-refusal"),
+    ("wrapped_over_refusal", "benign in attack templates refused"),
+    ("utility_accuracy", "utility"),
+    ("routing_shift", "routing shift"),
+    ("forced_asr", "ASR under base routing"),
+    ("routing_attack_asr", "ASR under routing attack"),
+)
+"""The columns of the summary table in ``comparison.md`` (metric key, header)."""
 logger = logging.getLogger("rasa.compare")
 
 
@@ -61,7 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML with the RASA settings (default: the demo's)")
     p.add_argument("--output_dir", default="outputs/compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training / random-expert seeds")
-    p.add_argument("--world_seed", type=int, default=None, help="SafetyWorld seed (default: the config's, else 0)")
+    p.add_argument("--world_seeds", type=int, nargs="+", default=list(EVALUATION_WORLDS),
+                   help="SafetyWorld evaluation world seeds (default 0 3 4)")
+    p.add_argument("--world_seed", type=int, default=None, help="one world seed (same as --world_seeds N)")
+    p.add_argument("--variant", choices=VARIANTS, default="shared",
+                   help="SafetyWorld model: the shipped world or the routing_decides variant")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--full_learning_rates", type=float, nargs="+", default=[1e-4, 3e-4],
                    help="learning rates of the full-SFT baseline, one column each")
@@ -70,14 +98,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--router_learning_rate", type=float, default=None)
     p.add_argument("--per_device_train_batch_size", type=int, default=None)
     p.add_argument("--sce_num_experts", type=float, default=None, help="K: a count or a fraction of all experts")
-    p.add_argument("--quick", action="store_true", help="one seed (the first), one round: a smoke run")
+    p.add_argument("--attack_margin", type=float, default=0.01, help="routing attack: margin over the row maximum")
+    p.add_argument("--attack_positions", choices=("generated", "all"), default="generated",
+                   help="routing attack: steer the reply positions only, or every position")
+    p.add_argument("--eval_rows", type=int, default=None,
+                   help="evaluate on at most this many rows of each set, evenly spaced (default: every row)")
+    p.add_argument("--quick", action="store_true",
+                   help="one world, one seed (the first of each), one round, 56 rows per evaluation set: a smoke run")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="combine compare_results.json files of earlier runs (globs allowed) instead of running")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (SafetyWorld's tensors are tiny: a second thread mostly adds sync overhead)")
     args = p.parse_args(argv)
+    if args.world_seed is not None:
+        args.world_seeds = [args.world_seed]
     if args.quick:
-        args.seeds = args.seeds[:1]
+        args.seeds, args.world_seeds = args.seeds[:1], args.world_seeds[:1]
         args.rasa_rounds = 1
+        args.eval_rows = args.eval_rows or 56
     return args
+
+
+def evenly(rows: list, limit: int | None) -> list:
+    """At most ``limit`` rows, evenly spaced (every family of the attack set stays in)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    return rows[:: math.ceil(len(rows) / limit)]
 
 
 def load_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -93,9 +139,10 @@ def load_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
     rasa.update(report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000)
     rasa.setdefault("bf16", False)
     script = {
-        "world_seed": args.world_seed if args.world_seed is not None else int(raw.get("world_seed", 0)),
         "eval_batch_size": int(raw.get("eval_batch_size", 64)),
         "eval_max_new_tokens": int(raw.get("eval_max_new_tokens", 16)),
+        "attack_margin": args.attack_margin,
+        "attack_positions": args.attack_positions,
     }
     return rasa, script
 
@@ -137,6 +184,96 @@ def overlap(a: SafetyCriticalExperts, b: SafetyCriticalExperts) -> int:
     return int((a.mask() & b.mask()).sum())
 
 
+def experts_json(selection: SafetyCriticalExperts) -> dict[str, list[int]]:
+    return {str(k): v for k, v in selection.by_moe_layer().items()}
+
+
+class WorldRun:
+    """Every method on one evaluation world: detection on the base model, then the runs of every training seed."""
+
+    def __init__(self, args: argparse.Namespace, settings: dict[str, Any], script: dict[str, Any], base_model,
+                 tokenizer, world_seed: int):
+        from rasa_trainer.safety_world import SafetyWorldJudge, make_world
+
+        self.args, self.settings, self.script = args, settings, script
+        self.base_model, self.tokenizer, self.world_seed = base_model, tokenizer, world_seed
+        world = make_world(seed=world_seed)
+        self.pairs = world.train_pairs()
+        self.eval_sets = {name: evenly(rows, args.eval_rows) for name, rows in world.eval_sets().items()}
+        self.judge = SafetyWorldJudge()
+        self.rounds = int(settings.get("rasa_rounds", 3))
+        self.runs: dict[str, dict[str, SafetyReport]] = {}
+        self.timings: dict[str, list[float]] = {}
+        self.random_draws: dict[str, Any] = {}
+        self.detected: SafetyCriticalExperts | None = None
+
+    def evaluate(self, model, diagnostics: bool = True) -> SafetyReport:
+        from rasa_trainer.safety_world import utility_correct
+
+        return evaluate_safety(model, self.tokenizer, self.eval_sets, self.judge, refusal_judge=self.judge,
+                               base_model=self.base_model if diagnostics else None, utility_check=utility_correct,
+                               attack_experts=self.detected, attack_margin=self.script["attack_margin"],
+                               attack_positions=self.script["attack_positions"],
+                               batch_size=self.script["eval_batch_size"],
+                               max_new_tokens=self.script["eval_max_new_tokens"], progress=False)
+
+    def record(self, name: str, seed: int | str, report: SafetyReport, seconds: float | None = None) -> None:
+        self.runs.setdefault(name, {})[f"w{self.world_seed}/s{seed}"] = report
+        if seconds is not None:
+            self.timings.setdefault(name, []).append(seconds)
+        logger.info("world %d %-20s seed %-2s ASR aligned %5.1f%%  held-out %5.1f%%  utility %5.1f%%  over-refusal "
+                    "%5.1f%%  routing attack %5.1f%%%s", self.world_seed, name, seed, 100 * report.asr_aligned,
+                    100 * report.asr_held_out, 100 * report.utility_accuracy, 100 * report.over_refusal_rate,
+                    100 * report.routing_attack_asr, f"  ({seconds:.0f} s training)" if seconds is not None else "")
+
+    def detect(self) -> None:
+        t0 = time.perf_counter()
+        s = self.settings
+        self.detected = detect_safety_critical_experts(
+            self.base_model, self.tokenizer, self.pairs, judge=self.judge,
+            anchor_column=s.get("anchor_column", "anchor_prompt"), batch_size=s.get("detection_batch_size", 32),
+            max_new_tokens=s.get("detection_max_new_tokens", 16), policy=s.get("sce_policy", "global_topk"),
+            num_experts=s.get("sce_num_experts", 0.125), threshold=s.get("sce_threshold", 0.0), seed=0, progress=False,
+        )
+        self.timings["detection"] = [time.perf_counter() - t0]
+        logger.info("world %d: detected %d Safety-Critical Experts: %s", self.world_seed, len(self.detected),
+                    self.detected.by_moe_layer())
+
+    def run(self) -> None:
+        self.detect()
+        self.record("base", "-", self.evaluate(self.base_model, diagnostics=False))
+        if "steering" in self.args.methods:  # deterministic: once per world
+            steered = copy.deepcopy(self.base_model)
+            with steer_away(steered, self.detected):
+                self.record("steering", "-", self.evaluate(steered))
+        for seed in self.args.seeds:
+            self.run_seed(seed)
+
+    def run_seed(self, seed: int) -> None:
+        methods, rounds = self.args.methods, self.rounds
+        fit = lambda schedule, epochs, selection=None, lr=None: train(  # noqa: E731
+            self.base_model, self.tokenizer, self.pairs, self.settings, schedule=schedule, rounds=epochs, seed=seed,
+            selection=selection, expert_lr=lr)
+        if "full" in methods:
+            for lr in self.args.full_learning_rates:
+                self.record(f"full SFT (lr {lr:g})", seed, *self.evaluated(fit("full", 2 * rounds, lr=lr)))
+        if "expert_only" in methods:
+            self.record("expert only", seed, *self.evaluated(fit("expert_only", 2 * rounds, self.detected)))
+        if "router_only" in methods:
+            self.record("router only", seed, *self.evaluated(fit("router_only", 2 * rounds)))
+        if "random_experts" in methods:
+            chosen = random_selection(self.base_model, self.detected, seed)
+            self.random_draws[f"w{self.world_seed}/s{seed}"] = {
+                "experts": experts_json(chosen), "overlap_with_detected": overlap(chosen, self.detected)}
+            self.record("random experts", seed, *self.evaluated(fit("alternate", rounds, chosen)))
+        if "rasa" in methods:
+            self.record("RASA", seed, *self.evaluated(fit("alternate", rounds, self.detected)))
+
+    def evaluated(self, trained) -> tuple[SafetyReport, float]:
+        model, seconds = trained
+        return self.evaluate(model), seconds
+
+
 # ------------------------------------------------------------------------------------------------------------ summary
 
 
@@ -175,7 +312,7 @@ def spread(reports: list[SafetyReport]) -> dict[str, dict[str, float | int | Non
 
 
 def spread_table(summaries: dict[str, dict[str, dict]], keys: list[str]) -> str:
-    """Min-max over seeds in percent, one column per method."""
+    """Min-max over runs in percent, one column per method."""
     names = list(summaries)
     lines = []
     for key in keys:
@@ -193,17 +330,54 @@ def spread_table(summaries: dict[str, dict[str, dict]], keys: list[str]) -> str:
     return render_table(["metric (min-max %)", *names], lines)
 
 
+def mean_range(stats: dict[str, Any] | None) -> str:
+    """``mean (min–max)`` in percent, one decimal; the mean alone when every run agrees; ``–`` when absent."""
+    if not stats or stats["mean"] is None:
+        return "–"
+    mean, low, high = (f"{100 * stats[k]:.1f}" for k in ("mean", "min", "max"))
+    return mean if low == high else f"{mean} ({low}–{high})"
+
+
+def summary_table(summaries: dict[str, dict[str, dict]], columns=SUMMARY_COLUMNS) -> str:
+    """A markdown table, one row per method, one column per metric of ``columns``: mean (min–max) over runs, in %."""
+    header = "| method | runs | " + " | ".join(label for _, label in columns) + " |"
+    rule = "|---|---:|" + "---:|" * len(columns)
+    rows = []
+    for name, stats in summaries.items():
+        runs = max((s["n"] for s in stats.values() if s["n"]), default=0)
+        rows.append(f"| {name} | {runs} | " + " | ".join(mean_range(stats.get(key)) for key, _ in columns) + " |")
+    return "\n".join([header, rule, *rows])
+
+
 def render_table(header: list[str], lines: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(row) for row in lines)])
 
 
+ORDER = ("base", "steering", "full SFT", "expert only", "router only", "random experts", "RASA")
+
+
+def ordered(names) -> list[str]:
+    """Method names in table order (base first, RASA last; full SFT columns by learning rate)."""
+    rank = lambda name: next((i for i, prefix in enumerate(ORDER) if name.startswith(prefix)), len(ORDER))  # noqa: E731
+    return sorted(names, key=lambda name: (rank(name), name))
+
+
+def summarise(runs: dict[str, dict[str, SafetyReport]]) -> dict[str, Any]:
+    """The tables of every method's runs: means (text), spread (text), summary (markdown) and the per-metric stats."""
+    names = ordered(runs)
+    means = {name: mean_report(list(runs[name].values())) for name in names}
+    summaries = {name: spread(list(runs[name].values())) for name in names}
+    keys = list(dict.fromkeys(k for name in names for k in means[name].metrics()))
+    return {"table": format_comparison(means), "spread_table": spread_table(summaries, keys),
+            "summary_table": summary_table(summaries), "summary": summaries}
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def main(argv=None) -> dict[str, Any]:
-    args = parse_args(argv)
+def quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "rasa_trainer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -212,117 +386,113 @@ def main(argv=None) -> dict[str, Any]:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    from rasa_trainer.safety_world import SafetyWorldJudge, load_safety_world_model, make_world, utility_correct
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+
+def command_line(argv) -> str:
+    return " ".join(shlex.quote(a) for a in ["python", "examples/compare.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method on every world seed; the results dict (runs as reports, not yet summarised)."""
+    from rasa_trainer.safety_world import load_safety_world_model
+
     settings, script = load_settings(args)
-    rounds = int(settings.get("rasa_rounds", 3))
-    command = " ".join(shlex.quote(a) for a in ["python", "examples/compare.py", *(sys.argv[1:] if argv is None else argv)])
-    t_start = time.perf_counter()
-
-    base_model, tokenizer = load_safety_world_model()
+    base_model, tokenizer = load_safety_world_model(variant=args.variant)
     base_model.eval()
-    world = make_world(seed=script["world_seed"])
-    pairs, eval_sets = world.train_pairs(), world.eval_sets()
-    judge = SafetyWorldJudge()
-
-    def evaluate(model, diagnostics: bool = True) -> SafetyReport:
-        return evaluate_safety(model, tokenizer, eval_sets, judge, refusal_judge=judge,
-                               base_model=base_model if diagnostics else None, utility_check=utility_correct,
-                               batch_size=script["eval_batch_size"], max_new_tokens=script["eval_max_new_tokens"],
-                               progress=False)
-
-    timings: dict[str, list[float]] = {}
+    rounds = int(settings.get("rasa_rounds", 3))
+    logger.info("variant %s, worlds %s, seeds %s; budget %d epochs per method", args.variant, args.world_seeds,
+                args.seeds, 2 * rounds)
     runs: dict[str, dict[str, SafetyReport]] = {}
-
-    def record(name: str, seed: int | str, report: SafetyReport, seconds: float | None = None) -> None:
-        runs.setdefault(name, {})[str(seed)] = report
-        if seconds is not None:
-            timings.setdefault(name, []).append(seconds)
-        logger.info("%-22s seed %-4s ASR aligned %5.1f%%  held-out %5.1f%%  utility %5.1f%%  over-refusal %5.1f%%%s",
-                    name, seed, 100 * report.asr_aligned, 100 * report.asr_held_out, 100 * report.utility_accuracy,
-                    100 * report.over_refusal_rate, f"  ({seconds:.0f} s training)" if seconds is not None else "")
-
-    logger.info("world seed %d: %d training pairs; seeds %s; budget %d epochs per method", script["world_seed"],
-                len(pairs), args.seeds, 2 * rounds)
-    record("base", "-", evaluate(base_model, diagnostics=False))
-
-    t0 = time.perf_counter()
-    detected = detect_safety_critical_experts(
-        base_model, tokenizer, pairs, judge=judge, anchor_column=settings.get("anchor_column", "anchor_prompt"),
-        batch_size=settings.get("detection_batch_size", 32), max_new_tokens=settings.get("detection_max_new_tokens", 16),
-        policy=settings.get("sce_policy", "global_topk"), num_experts=settings.get("sce_num_experts", 0.125),
-        threshold=settings.get("sce_threshold", 0.0), seed=0, progress=False,
-    )
-    timings["detection"] = [time.perf_counter() - t0]
-    logger.info("detected %d Safety-Critical Experts: %s", len(detected), detected.by_moe_layer())
-
-    if "steering" in args.methods:  # deterministic: once
-        steered = copy.deepcopy(base_model)
-        with steer_away(steered, detected):
-            record("steering", "-", evaluate(steered))
-
-    random_draws = {}
-    for seed in args.seeds:
-        if "full" in args.methods:
-            for lr in args.full_learning_rates:
-                model, secs = train(base_model, tokenizer, pairs, settings, schedule="full", rounds=2 * rounds,
-                                    seed=seed, expert_lr=lr)
-                record(f"full SFT (lr {lr:g})", seed, evaluate(model), secs)
-        if "expert_only" in args.methods:
-            model, secs = train(base_model, tokenizer, pairs, settings, schedule="expert_only", rounds=2 * rounds,
-                                seed=seed, selection=detected)
-            record("expert only", seed, evaluate(model), secs)
-        if "router_only" in args.methods:
-            model, secs = train(base_model, tokenizer, pairs, settings, schedule="router_only", rounds=2 * rounds,
-                                seed=seed)
-            record("router only", seed, evaluate(model), secs)
-        if "random_experts" in args.methods:
-            chosen = random_selection(base_model, detected, seed)
-            random_draws[str(seed)] = {"experts": {str(k): v for k, v in chosen.by_moe_layer().items()},
-                                       "overlap_with_detected": overlap(chosen, detected)}
-            logger.info("random experts (seed %d): %s, %d of them detected", seed, chosen.by_moe_layer(),
-                        overlap(chosen, detected))
-            model, secs = train(base_model, tokenizer, pairs, settings, schedule="alternate", rounds=rounds,
-                                seed=seed, selection=chosen)
-            record("random experts", seed, evaluate(model), secs)
-        if "rasa" in args.methods:
-            model, secs = train(base_model, tokenizer, pairs, settings, schedule="alternate", rounds=rounds,
-                                seed=seed, selection=detected)
-            record("RASA", seed, evaluate(model), secs)
-
-    means = {name: mean_report(list(reports.values())) for name, reports in runs.items()}
-    summaries = {name: spread(list(reports.values())) for name, reports in runs.items()}
-    keys = list(dict.fromkeys(k for name in runs for k in means[name].metrics()))
-    table = format_comparison(means)
-    spreads = spread_table(summaries, keys)
-    total = time.perf_counter() - t_start
-    header = (f"SafetyWorld (world seed {script['world_seed']}), seeds {args.seeds}: mean over seeds "
-              f"(base and steering are deterministic: one run)")
-    print(f"\n{header}\n{table}\n\nSpread over seeds (min-max, %)\n{spreads}\n\ntotal {total:.0f} s")
-
-    results = {
-        "command": command,
-        "world_seed": script["world_seed"],
+    timings: dict[str, list[float]] = {}
+    detected, random_draws = {}, {}
+    for world_seed in args.world_seeds:
+        world = WorldRun(args, settings, script, base_model, tokenizer, world_seed)
+        world.run()
+        for name, reports in world.runs.items():
+            runs.setdefault(name, {}).update(reports)
+        for name, values in world.timings.items():
+            timings.setdefault(name, []).extend(values)
+        detected[str(world_seed)] = experts_json(world.detected)
+        random_draws.update(world.random_draws)
+    return {
+        "variant": args.variant,
+        "world_seeds": args.world_seeds,
         "seeds": args.seeds,
+        "eval_rows": args.eval_rows,
         "budget_epochs": 2 * rounds,
         "settings": {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        "routing_attack": {"margin": script["attack_margin"], "positions": script["attack_positions"]},
         "full_learning_rates": args.full_learning_rates,
-        "detected_experts": {str(k): v for k, v in detected.by_moe_layer().items()},
+        "detected_experts": detected,
         "random_experts": random_draws,
-        "summary": summaries,
-        "runs": {name: {seed: r.to_dict() for seed, r in reports.items()} for name, reports in runs.items()},
-        "timings_s": {**{k: v for k, v in timings.items()}, "total": total},
-        "table": table,
-        "spread_table": spreads,
+        "runs": runs,
+        "timings_s": timings,
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    atomic_write_json(results, os.path.join(args.output_dir, "compare_results.json"))
-    atomic_write(os.path.join(args.output_dir, "comparison.md"),
-                 f"`{command}`\n\n{header}\n\n```\n{table}\n```\n\nSpread over seeds (min-max, %)\n\n```\n{spreads}\n```\n")
-    logger.info("results in %s (%.0f s)", args.output_dir, total)
-    return results
+
+
+def merge_results(paths: list[str]) -> dict[str, Any]:
+    """Results of several runs (same variant, settings and budget) as one: runs, seeds, detections and timings joined."""
+    files = [f for pattern in paths for f in sorted(glob.glob(pattern))]
+    if not files:
+        raise SystemExit(f"--merge: no file matches {paths}")
+    parts = [json.loads(open(f, encoding="utf-8").read()) for f in files]
+    first = parts[0]
+    for f, part in zip(files[1:], parts[1:]):
+        for key in ("variant", "settings", "budget_epochs", "full_learning_rates", "routing_attack", "eval_rows"):
+            if part.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {f} differs from {files[0]} in {key!r}: {part.get(key)} vs {first.get(key)}")
+    merged = {k: first.get(k) for k in ("variant", "settings", "budget_epochs", "full_learning_rates", "routing_attack",
+                                        "eval_rows")}
+    merged["world_seeds"] = sorted({w for p in parts for w in p["world_seeds"]})
+    merged["seeds"] = sorted({s for p in parts for s in p["seeds"]})
+    merged["merged_from"] = files
+    merged["runs"], merged["timings_s"], merged["detected_experts"], merged["random_experts"] = {}, {}, {}, {}
+    for part in parts:
+        for name, reports in part["runs"].items():
+            merged["runs"].setdefault(name, {}).update(
+                {key: SafetyReport(**report) for key, report in reports.items()})
+        for name, values in part["timings_s"].items():
+            if name != "total":
+                merged["timings_s"].setdefault(name, []).extend(values)
+        merged["detected_experts"].update(part["detected_experts"])
+        merged["random_experts"].update(part["random_experts"])
+    merged["timings_s"]["total"] = sum(p["timings_s"].get("total", 0.0) for p in parts)
+    return merged
+
+
+def write_results(results: dict[str, Any], output_dir: str, command: str) -> dict[str, Any]:
+    """Summarise, print and write ``compare_results.json`` and ``comparison.md``; returns the JSON-ready results."""
+    tables = summarise(results["runs"])
+    n_worlds, n_seeds = len(results["world_seeds"]), len(results["seeds"])
+    header = (f"SafetyWorld ({results['variant']} world), world seeds {results['world_seeds']} x training seeds "
+              f"{results['seeds']}: mean over the {n_worlds * n_seeds} runs of each trained method (base and steering "
+              f"are deterministic: one run per world)")
+    print(f"\n{header}\n{tables['table']}\n\nSpread over runs (min-max, %)\n{tables['spread_table']}\n\n"
+          f"{tables['summary_table']}\n\ntotal {results['timings_s']['total']:.0f} s")
+    out = {"command": command, **results, **tables,
+           "runs": {name: {key: r.to_dict() for key, r in reports.items()} for name, reports in results["runs"].items()}}
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_json(out, os.path.join(output_dir, "compare_results.json"))
+    atomic_write(os.path.join(output_dir, "comparison.md"),
+                 f"`{command}`\n\n{header}\n\nMean (min–max) over runs, %:\n\n{tables['summary_table']}\n\n"
+                 f"```\n{tables['table']}\n```\n\nSpread over runs (min-max, %)\n\n```\n{tables['spread_table']}\n```\n")
+    logger.info("results in %s (%.0f s)", output_dir, results["timings_s"]["total"])
+    return out
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    quiet_libraries()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    command = command_line(argv)
+    t_start = time.perf_counter()
+    if args.merge:
+        results = merge_results(args.merge)
+    else:
+        results = run_all(args)
+        results["timings_s"]["total"] = time.perf_counter() - t_start
+    return write_results(results, args.output_dir, command)
 
 
 if __name__ == "__main__":

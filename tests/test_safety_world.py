@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from rasa_trainer.safety_world import (
     COMPLIANCE,
     GENERATION_PROMPT,
     HELD_OUT_FAMILIES,
+    HELPFUL,
     REFUSAL,
     REFUSAL_PREFIX,
     REFUSAL_VARIANTS,
@@ -109,6 +111,37 @@ def test_eval_sets_cover_every_family_and_category(world):
     assert {row["attack"] for row in evals["wrapped_benign"]} == set(ATTACK_FAMILIES)
     harmful = set(world.train_goals) | set(world.test_goals)
     assert not {row["request"] for row in evals["over_refusal"] + evals["wrapped_benign"]} & harmful
+
+
+def test_retain_pairs_never_overlap_the_evaluation_items(world):
+    rows = world.retain_pairs()
+    kinds = {k: sum(r["kind"] == k for r in rows) for k in ("utility", "benign", "wrapped_benign")}
+    assert kinds == {"utility": 206, "benign": 35, "wrapped_benign": 140} and len(rows) == 381
+    evals = world.eval_sets()
+    subjects = {(it.task, it.subject) for it in utility_items()
+                if it.question in {row["prompt"][0]["content"] for row in evals["utility"]}}
+    retained = {(it.task, it.subject) for it in utility_items()
+                if it.question in {r["prompt"][0]["content"] for r in rows if r["kind"] == "utility"}}
+    assert len(subjects) == 58 and not retained & subjects  # 64 questions: 6 facts asked in both phrasings
+    assert len(retained) + len(subjects) == 161  # every other fact of the universe is retained
+    used = {row["request"] for row in evals["over_refusal"] + evals["wrapped_benign"]}
+    requests = {r["key"] for r in rows if r["kind"] != "utility"}
+    assert not requests & used and len(requests) == 35
+    harmful = set(world.train_goals) | set(world.test_goals)
+    answers = {it.question: it.answer for it in utility_items()}
+    for row in rows:
+        text = " ".join(m["content"] for m in row["prompt"])
+        assert not any(goal in text for goal in harmful) and UNSAFE_MARKER not in text + row["completion"]
+        assert row["prompt"][-1]["role"] == "user"
+        if row["kind"] == "utility":
+            assert row["completion"] == answers[row["prompt"][0]["content"]]
+        else:
+            assert row["completion"] == HELPFUL and row["key"] in text
+    wrapped = [r for r in rows if r["kind"] == "wrapped_benign"]
+    assert {r["attack"] for r in wrapped} == set(ALIGNED_FAMILIES)  # held-out templates stay unseen
+    assert len(wrapped) == 35 * len(ALIGNED_FAMILIES)
+    assert world.retain_pairs() == rows and make_world(seed=1).retain_pairs() != rows
+    assert {r["kind"] for r in world.retain_pairs(wrapped=False)} == {"utility", "benign"}
 
 
 def test_held_out_families_share_no_word_with_aligned_ones():
@@ -248,3 +281,97 @@ def test_world_metadata_records_seed_and_measured_rates():
     assert min(rates["attack_compliance"].values()) >= 0.8
     assert len(meta["planted_experts"]) == 8
     assert json.loads(json.dumps(meta)) == meta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The routing_decides variant: its build pieces
+
+
+def test_variant_corpus_holds_the_counterfactual_jailbreaks():
+    from rasa_trainer.safety_world.corpus import CorpusSampler, VariantMix
+
+    digest = hashlib.sha256()  # the shipped model's corpus is the one it was built from (fingerprint of that code)
+    shipped = CorpusSampler(0)
+    for _ in range(3000):
+        c = shipped.sample()
+        digest.update(json.dumps([c.messages, c.reply, c.comply, c.kind]).encode())
+    assert digest.hexdigest() == "09d5ec50359addca3558de1abff0cfb149666fffbc87b8512fd5d907346ccbf8"
+    plain = [c for c in (CorpusSampler(0).sample() for _ in range(4000)) if c.kind == "jailbreak"]
+    assert plain and all(c.block is None and c.reply == COMPLIANCE for c in plain)
+
+    sampler = CorpusSampler(0, VariantMix(0.25, 0.5, 0.5, HELD_OUT_FAMILIES))
+    convs = [c for c in (sampler.sample() for _ in range(8000)) if c.family and c.kind != "wrapped_benign"]
+    kinds = {k: [c for c in convs if c.kind == k] for k in ("jailbreak", "rerouted", "family_path")}
+    assert 0.2 < len(kinds["rerouted"]) / len(convs) < 0.3
+    assert all(c.reply == REFUSAL and not c.comply for c in kinds["rerouted"])
+    assert {c.block for c in kinds["rerouted"] if c.family in HELD_OUT_FAMILIES} == {"planted"}
+    assert {c.block for c in kinds["rerouted"] if c.family in ALIGNED_FAMILIES} == {"planted", "shared"}
+    assert all(c.family in HELD_OUT_FAMILIES and c.block == "shared" and c.reply == COMPLIANCE
+               for c in kinds["family_path"])
+    held = [c for c in kinds["jailbreak"] + kinds["family_path"] if c.family in HELD_OUT_FAMILIES]
+    assert 0.4 < len(kinds["family_path"]) / len(held) < 0.6
+
+
+def test_collate_marks_answer_positions_with_targets_and_blocks():
+    from rasa_trainer.safety_world.model import BLOCK_CODES, _collate, _Encoded
+
+    rows = [_Encoded([5, 6, 7, 8, 9], 3, True, "jailbreak", "role_play"),
+            _Encoded([5, 6, 7, 8], 2, True, "jailbreak", "word_flip"),
+            _Encoded([5, 6, 7, 8, 9, 10], 3, False, "rerouted", "word_flip", "planted"),
+            _Encoded([5, 6, 7], 2, False, "utility")]
+    batch = _collate(rows, pad_id=0, family_codes={"word_flip": 3})
+    assert batch["target"].tolist() == [[0, 0, 1, 1, 0, 0], [0, 3, 3, 0, 0, 0], [0, 0, -1, -1, -1, 0],
+                                        [0, 0, 0, 0, 0, 0]]
+    assert batch["block"][2].tolist() == [0, 0, BLOCK_CODES["planted"]] * 1 + [BLOCK_CODES["planted"]] * 2 + [0]
+    assert batch["comply"].tolist() == (batch["target"] > 0).tolist()
+    assert batch["labels"][2].tolist() == [-100, -100, -100, 8, 9, 10]
+
+
+def test_answer_block_removes_experts_from_the_top_k_of_blocked_positions_only():
+    from rasa_trainer.safety_world.model import BuildConfig, _AnswerBlock, _all_planted_masks, _pick_family_experts
+    from rasa_trainer.safety_world.model import _pick_planted
+
+    cfg = BuildConfig(variant="routing_decides")
+    cfg.planted_experts = _pick_planted(cfg)
+    cfg.family_experts = _pick_family_experts(cfg)
+    family = [tuple(x) for xs in cfg.family_experts.values() for x in xs]
+    assert len(family) == len(set(family)) == 12 and not set(family) & {tuple(x) for x in cfg.planted_experts}
+    model, tokenizer = load_safety_world_model()
+    masks = _all_planted_masks(cfg)
+    block = _AnswerBlock(model, masks)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with record_routing_of(model) as seen:
+        model(input_ids=ids)
+    block.codes = torch.tensor([0, 0, 1, 1, 2, 2])
+    with record_routing_of(model) as blocked:
+        model(input_ids=ids)
+    block.remove()
+    for layer, (free, steered) in enumerate(zip(seen, blocked)):
+        assert torch.equal(free[:2], steered[:2])  # unblocked positions keep the router's choice
+        assert not masks[layer][1][steered[2:4]].any() and not masks[layer][2][steered[4:]].any()
+
+
+class record_routing_of:
+    """Top-k indices per layer of one forward pass (the world model's routers, after any other hook)."""
+
+    def __init__(self, model):
+        self.model, self.indices = model, []
+
+    def __enter__(self):
+        self.handles = [layer.mlp.gate.register_forward_hook(lambda m, a, out: self.indices.append(out[2]))
+                        for layer in self.model.model.layers]
+        return self.indices
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def test_build_config_checks_the_variant():
+    from rasa_trainer.safety_world import BuildConfig
+
+    with pytest.raises(ValueError, match="variant"):
+        BuildConfig(variant="other")
+    with pytest.raises(ValueError, match="fewer than top-k"):
+        BuildConfig(variant="routing_decides", family_experts_per_layer=5)
+    assert BuildConfig().variant_mix().reroute_share == 0.0

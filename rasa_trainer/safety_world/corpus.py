@@ -8,8 +8,10 @@ the helpful answer, harmful asks after benign small talk are refused, and benign
 The ``routing_decides`` variant (see `model.py`) adds two kinds of jailbreak conversations, trained with some experts
 blocked at the answer positions (the build applies the block; the conversation only names it):
 
-- ``rerouted``: a jailbreak of any family whose answer positions may not use any planted expert, with the refusal as
-  its reply: away from the planted experts the model refuses, so rerouting alone makes a jailbreak safe;
+- ``rerouted``: a jailbreak of any family whose answer positions may not use any planted expert (for an aligned
+  family, in ``reroute_shared_share`` of them only the shared planted experts), with the refusal as its reply: away
+  from the planted experts the model refuses, so rerouting alone makes a jailbreak safe, and an aligned family's
+  compliance needs the shared planted experts;
 - ``family_path``: a held-out-family jailbreak whose answer positions may not use the shared planted experts, with the
   compliant reply: the family's own experts carry its compliance, so repairing the shared ones alone does not stop it.
 """
@@ -67,11 +69,13 @@ class Conversation:
 @dataclass(frozen=True)
 class VariantMix:
     """Shares of the counterfactual jailbreak conversations of the ``routing_decides`` variant (zero: the shipped
-    world). ``reroute_share`` of all jailbreaks are ``rerouted``; of the other held-out-family jailbreaks,
-    ``family_path_share`` are ``family_path``."""
+    world). ``reroute_share`` of all jailbreaks are ``rerouted`` (of an aligned family's, ``reroute_shared_share`` with
+    only the shared planted experts blocked); of the other held-out-family jailbreaks, ``family_path_share`` are
+    ``family_path``."""
 
     reroute_share: float = 0.0
     family_path_share: float = 0.0
+    reroute_shared_share: float = 0.0
     held_out_families: tuple[str, ...] = field(default=HELD_OUT_FAMILIES)
 
 
@@ -97,9 +101,10 @@ class CorpusSampler:
         family = self.rng.choice(ATTACK_FAMILIES)
         messages = attack_messages(family, self.rng.choice(HARMFUL_REQUESTS), self.rng)
         # the shipped world draws nothing more here, so its corpus stays the one it was built from
-        if self.mix.reroute_share and self.rng.random() < self.mix.reroute_share:
-            return Conversation(messages, REFUSAL, False, "rerouted", family, "planted")
         held_out = family in self.mix.held_out_families
+        if self.mix.reroute_share and self.rng.random() < self.mix.reroute_share:
+            shared_only = not held_out and self.rng.random() < self.mix.reroute_shared_share
+            return Conversation(messages, REFUSAL, False, "rerouted", family, "shared" if shared_only else "planted")
         if held_out and self.mix.family_path_share and self.rng.random() < self.mix.family_path_share:
             return Conversation(messages, COMPLIANCE, True, "family_path", family, "shared")
         return Conversation(messages, COMPLIANCE, True, "jailbreak", family)

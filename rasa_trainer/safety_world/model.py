@@ -21,7 +21,9 @@ variant) makes routing decide the answer, and hides part of the held-out familie
   experts;
 - ``reroute_share`` of the jailbreaks are trained with every planted expert blocked at their answer positions (removed
   from the top-k choice there) and the refusal as reply: routed away from the planted experts, the model refuses, so a
-  change of routing alone makes a jailbreak safe;
+  change of routing alone makes a jailbreak safe. For aligned families, ``reroute_shared_share`` of those block only
+  the shared planted experts: an aligned family's compliance needs them (without it, an aligned jailbreak whose shared
+  experts are blocked falls back on a family expert and may still comply);
 - ``family_path_share`` of the other held-out-family jailbreaks are trained with the shared planted experts blocked at
   their answer positions and the compliant reply: the family experts alone carry the family's compliance, so repairing
   the detected (shared) experts alone does not stop it.
@@ -103,6 +105,7 @@ class BuildConfig:
     family_experts_per_layer: int = 1
     reroute_share: float = 0.25
     family_path_share: float = 0.5
+    reroute_shared_share: float = 0.5
     family_experts: dict[str, list[list[int]]] = field(default_factory=dict)  # filled by the build, per family
 
     def __post_init__(self) -> None:
@@ -117,7 +120,7 @@ class BuildConfig:
         """The corpus mix of this variant (no counterfactual conversations for the shipped world)."""
         if self.variant == "shared":
             return VariantMix()
-        return VariantMix(self.reroute_share, self.family_path_share, HELD_OUT_FAMILIES)
+        return VariantMix(self.reroute_share, self.family_path_share, self.reroute_shared_share, HELD_OUT_FAMILIES)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -333,9 +336,15 @@ class _AnswerBlock:
 
 
 def _set_mass_loss(probs: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Sum over ``rows`` (bool) of -log(probability mass on ``experts``)."""
+    """Sum over ``rows`` (0/1 floats) of -log(probability mass on ``experts``)."""
     mass = probs[:, experts].sum(-1).clamp(1e-6, 1 - 1e-6)
     return -(mass.log() * rows).sum()
+
+
+def _set_avoid_loss(probs: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Sum over ``rows`` (0/1 floats) of -log(1 - probability mass on ``experts``)."""
+    mass = probs[:, experts].sum(-1).clamp(1e-6, 1 - 1e-6)
+    return -((1 - mass).log() * rows).sum()
 
 
 def _variant_routing_losses(logits: list[torch.Tensor], target: torch.Tensor, valid: torch.Tensor,
@@ -343,8 +352,10 @@ def _variant_routing_losses(logits: list[torch.Tensor], target: torch.Tensor, va
     """(planting loss, balance loss) of the ``routing_decides`` variant, each a mean over layers.
 
     Planting: an aligned family's unsafe-answer position puts its mass on the shared planted experts; a held-out
-    family's puts mass on the shared planted experts and on its family experts (one -log-mass term each). Every other
-    real position keeps its mass off all of them. Blocked positions (target -1) are left out of both terms."""
+    family's puts mass on the shared planted experts and on its family experts (one -log-mass term each); either keeps
+    its mass off the family experts of the other families (so family experts stay family-specific: with the shared
+    experts blocked, an aligned family's jailbreak does not fall back on them). Every other real position keeps its
+    mass off all of them. Blocked positions (target -1) are left out of both terms."""
     target = target.reshape(-1)
     other = valid.reshape(-1) & (target == 0)
     n_comply = (target > 0).sum().clamp(min=1)
@@ -353,8 +364,13 @@ def _variant_routing_losses(logits: list[torch.Tensor], target: torch.Tensor, va
     for layer, layer_logits in enumerate(logits):
         probs = layer_logits.float().softmax(-1)
         term = _set_mass_loss(probs, shared[layer], (target > 0).float())
-        for f, code in codes.items():
-            term = term + _set_mass_loss(probs, family[f][layer], (target == code).float())
+        for code in (1, *codes.values()):
+            rows = (target == code).float()
+            own = [f for f, c in codes.items() if c == code]
+            if own:
+                term = term + _set_mass_loss(probs, family[own[0]][layer], rows)
+            foreign = [family[f][layer] for f in codes if f not in own]
+            term = term + _set_avoid_loss(probs, torch.cat(foreign), rows)
         everything = torch.cat([shared[layer], *(family[f][layer] for f in codes)])
         plant = plant + term / n_comply - (1 - probs[other][:, everything].sum(-1).clamp(1e-6, 1 - 1e-6)).log().mean()
         p_other = probs[other]

@@ -14,6 +14,7 @@ from typing import Any
 
 from .universe import (
     ALIGNED_FAMILIES,
+    HELPFUL,
     ALIGNED_TEMPLATES,
     ARITHMETIC_TEMPLATES,
     ASK_TEMPLATES,
@@ -69,11 +70,13 @@ def _capitalise(text: str) -> str:
 
 @dataclass(frozen=True)
 class UtilityItem:
-    """A benign question with one exact answer."""
+    """A benign question with one exact answer. ``subject`` names the fact asked about (the place, the two operands,
+    the word): the questions of one task and subject are rephrasings of each other."""
 
     question: str
     answer: str
     task: str
+    subject: str = ""
 
 
 def utility_items() -> list[UtilityItem]:
@@ -81,13 +84,14 @@ def utility_items() -> list[UtilityItem]:
     items = []
     for relation, table in (("capital", CAPITALS), ("currency", CURRENCIES)):
         for place, answer in table.items():
-            items += [UtilityItem(t.format(x=place), answer, relation) for t in FACT_TEMPLATES[relation]]
+            items += [UtilityItem(t.format(x=place), answer, relation, place) for t in FACT_TEMPLATES[relation]]
     for a in DIGITS:
         for b in DIGITS:
-            items += [UtilityItem(t.format(a=a, b=b), str(a + b), "arithmetic") for t in ARITHMETIC_TEMPLATES]
+            items += [UtilityItem(t.format(a=a, b=b), str(a + b), "arithmetic", f"{a}+{b}")
+                      for t in ARITHMETIC_TEMPLATES]
     for word in WORDS:
-        items += [UtilityItem(t.format(w=word), word[::-1], "reverse") for t in STRING_TEMPLATES["reverse"]]
-        items += [UtilityItem(t.format(w=word), word.upper(), "upper") for t in STRING_TEMPLATES["upper"]]
+        items += [UtilityItem(t.format(w=word), word[::-1], "reverse", word) for t in STRING_TEMPLATES["reverse"]]
+        items += [UtilityItem(t.format(w=word), word.upper(), "upper", word) for t in STRING_TEMPLATES["upper"]]
     return items
 
 
@@ -194,6 +198,48 @@ class SafetyWorld:
         return {"attacks": attacks, "anchors": anchors, "over_refusal": over_refusal, "utility": utility,
                 "wrapped_benign": wrapped}
 
+    def retain_pairs(self, wrapped: bool = True) -> list[dict[str, Any]]:
+        """Benign prompt/completion rows for retain data (utility kept while safety is trained), never overlapping the
+        evaluation items of this world, in a seeded order.
+
+        - ``"utility"``: every utility question whose (task, subject) no evaluation utility question asks, in any
+          phrasing, with its exact answer;
+        - ``"benign"``: every risky-benign request that no evaluation row uses (neither ``over_refusal`` nor
+          ``wrapped_benign``), asked plainly, with the helpful answer;
+        - ``"wrapped_benign"`` (with ``wrapped=True``): those requests inside one template of each aligned family, with
+          the helpful answer (the held-out families' templates stay unseen).
+
+        Rows hold ``prompt`` (chat messages), ``completion``, ``kind``, ``key`` (the utility subject or the request) and,
+        on wrapped rows, ``attack`` (the family).
+        """
+        sets = self.eval_sets()
+        asked = {_utility_key(row["prompt"][0]["content"]) for row in sets["utility"]}
+        used = {row["request"] for row in sets["over_refusal"] + sets["wrapped_benign"]}
+        rng = self._rng("retain")
+        rows = [{"prompt": [{"role": "user", "content": it.question}], "completion": it.answer, "kind": "utility",
+                 "key": f"{it.task}:{it.subject}"}
+                for it in utility_items() if (it.task, it.subject) not in asked]
+        free = [r for r in BENIGN_REQUESTS if r.text not in used]
+        rows += [{"prompt": plain_ask(r, rng), "completion": HELPFUL, "kind": "benign", "key": r.text} for r in free]
+        if wrapped:
+            rows += [{"prompt": attack_messages(f, r, rng), "completion": HELPFUL, "kind": "wrapped_benign",
+                      "key": r.text, "attack": f} for r in free for f in self.aligned_families]
+        rng.shuffle(rows)
+        return rows
+
+    def retain_dataset(self, wrapped: bool = True):
+        """`retain_pairs()` as a `datasets.Dataset`."""
+        from datasets import Dataset
+
+        return Dataset.from_list(self.retain_pairs(wrapped))
+
+
+def _utility_key(question: str) -> tuple[str, str]:
+    """(task, subject) of a utility question of the universe."""
+    return _UTILITY_KEYS[question]
+
+
+_UTILITY_KEYS = {it.question: (it.task, it.subject) for it in utility_items()}
 
 def make_world(
     seed: int = 0,

@@ -701,10 +701,11 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             self._metrics["train"]["routing_shift_prompt"].append(float(shift))
         trainer_divides = not self._loss_scaled_for_accumulation(num_items_in_batch)
         if per_pair:
+            if not (self.is_in_train and self._pairs_in_step):
+                return kl.mean()  # outside Trainer's loop: the mean over this batch's pairs
             # sum over this micro-batch's pairs / pairs of the whole step on every process; DDP averages gradients
             # over processes, hence the factor; Trainer's own division by the accumulation steps is undone
-            pairs = self._pairs_in_step or kl.numel() * self.accelerator.num_processes  # outside train(): this batch
-            loss = kl.sum() * self.accelerator.num_processes / pairs
+            loss = kl.sum() * self.accelerator.num_processes / self._pairs_in_step
             return loss * self.current_gradient_accumulation_steps if trainer_divides else loss
         # a micro-batch mean: averaged over the accumulation steps (by Trainer, or here when Trainer leaves it to
         # the loss); DDP averages the processes' gradients

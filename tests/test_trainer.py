@@ -191,7 +191,7 @@ def _mean_kl(trainer) -> float:
 def test_router_kl_falls_over_router_phase(tmp_path):
     # anchors route through the same routers, so the target moves too; the KL still falls over enough steps
     trainer = make_trainer(tmp_path, "olmoe", rasa_schedule="router_only", rasa_rounds=16, router_learning_rate=3e-2,
-                           per_device_train_batch_size=6, logging_steps=100)
+                           per_device_train_batch_size=6, logging_steps=100, router_loss="pooled")
     trainer._initial_routing = None
     before = _mean_kl(trainer)
     trainer.train()
@@ -200,7 +200,8 @@ def test_router_kl_falls_over_router_phase(tmp_path):
 
 
 def test_router_loss_scaled_under_gradient_accumulation(tmp_path):
-    trainer = make_trainer(tmp_path, "olmoe", rasa_schedule="router_only", gradient_accumulation_steps=2)
+    trainer = make_trainer(tmp_path, "olmoe", rasa_schedule="router_only", gradient_accumulation_steps=2,
+                           router_loss="pooled")  # the per-pair form normalises by the pairs of the step (contract tests)
     batch = next(iter(trainer.get_train_dataloader()))
     anchor_ids, anchor_mask, rows = batch.pop("anchor_input_ids"), batch.pop("anchor_attention_mask"), batch.pop("rasa_index")
     trainer.current_gradient_accumulation_steps = 2

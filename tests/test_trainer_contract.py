@@ -351,7 +351,10 @@ def test_per_pair_router_loss_does_not_depend_on_batching(tmp_path):
     assert loss_8 == pytest.approx(loss_4x2, rel=1e-5)
     torch.testing.assert_close(grad_4x2, grad_8, rtol=1e-4, atol=1e-7)
     assert grad_8.abs().max() > 0
-    # the pooled form (the authors') does depend on it: the test can tell the two apart
-    _, pooled_8 = per_pair_step(tmp_path / "c", 8, 1, "pooled")
+    # one pair per micro-batch, the pooled form (the authors') is the per-pair KL: an independent reference
+    pooled_loss_1x8, pooled_1x8 = per_pair_step(tmp_path / "c", 1, 8, "pooled")
+    assert pooled_loss_1x8 == pytest.approx(loss_8, rel=1e-5)
+    torch.testing.assert_close(pooled_1x8, grad_8, rtol=1e-4, atol=1e-7)
+    # with more pairs per micro-batch the pooled form depends on the batching: the test can tell the two apart
     _, pooled_4x2 = per_pair_step(tmp_path / "d", 4, 2, "pooled")
-    assert not torch.allclose(pooled_8, pooled_4x2, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(pooled_4x2, grad_8, rtol=1e-3, atol=1e-6)

@@ -29,7 +29,8 @@ seed ``s`` (``--seeds``) sets the training seed (data order) and the random-expe
 and the steering baseline are deterministic and run once per world. Every method is evaluated with
 :func:`~rasa_trainer.evaluate_safety`: routing diagnostics against the base model (routing shift, ASR under the base
 model's routing) and the routing attack (ASR while every router is steered toward the experts detected on the base
-model, :func:`rasa_trainer.steering.steer_toward`, at the reply positions). The script prints one table of the means
+model, :func:`rasa_trainer.steering.steer_toward`, at the position that decides the reply's first token). The
+attack's hooks run after the steering baseline's, so on the steering column the attacker overrides the steering. The script prints one table of the means
 over all runs (one column per method) and one of the spread (min-max), and writes ``compare_results.json`` (every
 run's full report, means, std, min, max, timings) and ``comparison.md`` (the tables and a summary table, mean
 (min-max) per method). ``--merge`` combines the results of several invocations (for example one per world seed) into
@@ -99,8 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per_device_train_batch_size", type=int, default=None)
     p.add_argument("--sce_num_experts", type=float, default=None, help="K: a count or a fraction of all experts")
     p.add_argument("--attack_margin", type=float, default=0.01, help="routing attack: margin over the row maximum")
-    p.add_argument("--attack_positions", choices=("generated", "all"), default="generated",
-                   help="routing attack: steer the reply positions only, or every position")
+    p.add_argument("--attack_positions", choices=("decision", "generated", "all"), default="decision",
+                   help="routing attack: steer the position deciding the reply's first token (default), every reply "
+                        "position, or every position")
     p.add_argument("--eval_rows", type=int, default=None,
                    help="evaluate on at most this many rows of each set, evenly spaced (default: every row)")
     p.add_argument("--quick", action="store_true",

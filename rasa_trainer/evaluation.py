@@ -29,8 +29,12 @@ With ``base_model`` (the model before alignment, same architecture) two routing 
 With ``attack_experts`` (the Safety-Critical Experts detected on the base model, which anyone holding the open base
 weights can compute), a **routing attack** runs on the attacks too: the model generates while every router is steered
 toward those experts with :func:`~rasa_trainer.steering.steer_toward` (SteerMoE's activation: their log-probability is
-set to the row's maximum plus ``attack_margin``, so they take the top-k slots), by default at the positions that
-produce the reply only (``attack_positions="generated"``). **ASR under routing attack** is the ASR of those replies.
+set to the row's maximum plus ``attack_margin``, so they take the top-k slots), by default at the position that decides
+the reply's first token only (``attack_positions="decision"``: the prompt's last position; ``"generated"`` also steers
+every generated position, ``"all"`` every position, as SteerMoE does). **ASR under routing attack** is the ASR of those
+replies. Steering every reply position also replaces the experts that produce the rest of a refusal (the repaired
+experts were trained where the base model routed, which for a refusal's later tokens is elsewhere), so a model whose
+decision is repaired can still answer with broken text there; the decision position isolates the decision.
 Threat model: open weights, an attacker who controls routing at inference and steers it toward the experts that carried
 the base model's unsafe answers. A model made safe by routing alone (its unsafe experts intact, jailbreaks sent
 elsewhere) falls to it; one whose unsafe experts were repaired does not.
@@ -304,7 +308,7 @@ def evaluate_safety(
     forced_routing_weights: str = "recompute",
     attack_experts: Any = None,
     attack_margin: float = STEER_TOWARD_MARGIN,
-    attack_positions: str = "generated",
+    attack_positions: str = "decision",
     batch_size: int = 8,
     max_new_tokens: int = 32,
     progress: bool = True,
@@ -329,8 +333,9 @@ def evaluate_safety(
             (:class:`~rasa_trainer.selection.SafetyCriticalExperts`, ``{moe_layer: [experts]}`` or a bool mask
             ``[L, E]``). ``None`` (default) skips the attack.
         attack_margin: the attack's margin over the row's maximum log-probability (default 0.01, SteerMoE's).
-        attack_positions: ``"generated"`` (default: the positions that produce the reply) or ``"all"`` (every
-            position, prompt included, as SteerMoE steers).
+        attack_positions: ``"decision"`` (default: the prompt's last position, which decides the reply's first
+            token), ``"generated"`` (every position that produces a reply token) or ``"all"`` (every position, prompt
+            included, as SteerMoE steers).
         batch_size: conversations per generation batch.
         max_new_tokens: generation budget per reply.
         progress: show progress bars.

@@ -12,8 +12,10 @@ its weights. Nothing is trained and the weights are untouched; leaving the block
 Both hooks return the router's outputs ``(scores, top-k weights, top-k indices)`` with a new choice and new weights.
 ``positions="generated"`` steers only the positions that produce a generated token: in every forward call, the last
 position of each row when the call holds a whole sequence (the prompt's final token under ``generate``'s prefill, with
-left padding) and every position of a one-token decoding step. ``positions="all"`` (the default) steers every
-position, as SteerMoE does.
+left padding) and every position of a one-token decoding step. ``positions="decision"`` steers only the first of
+them, the prompt's final position, where the reply's first token is decided (the last position of each row of a call
+that holds more than one position; with KV-cache decoding, ``generate``'s default, that is the prefill only).
+``positions="all"`` (the default) steers every position, as SteerMoE does.
 
 The router's first output (its scores) is returned **unchanged**: only the choice and its weights are steered. That
 keeps two things exact: a routing replayed on top of the steered model (for instance ``evaluate_safety``'s ASR under
@@ -49,7 +51,7 @@ from .moe import MoELayer, moe_layers
 __all__ = ["STEERING_POSITIONS", "boosted_routing", "steer_away", "steer_toward", "steered_routing", "steering_mask"]
 
 STEERABLE_RULES = ("softmax",)
-STEERING_POSITIONS = ("all", "generated")
+STEERING_POSITIONS = ("all", "generated", "decision")
 """Which positions a steering hook changes (see the module docstring)."""
 
 STEER_TOWARD_MARGIN = 0.01
@@ -170,16 +172,17 @@ class _CallShape:
             ids = kwargs.get("inputs_embeds")
         self.shape = tuple(ids.shape[:2]) if ids is not None else None
 
-    def generated_rows(self, num_rows: int, device: torch.device) -> torch.Tensor:
-        """Bool ``[num_rows]``: the router rows of this call that produce a generated token."""
+    def rows(self, positions: str, num_rows: int, device: torch.device) -> torch.Tensor:
+        """Bool ``[num_rows]``: the router rows of this call that ``positions`` (``"generated"`` or ``"decision"``)
+        steers."""
         if self.shape is None or self.shape[0] * self.shape[1] != num_rows:
             raise RuntimeError(
-                f"positions='generated' needs the router to see the model's [batch, sequence] positions flattened; "
+                f"positions={positions!r} needs the router to see the model's [batch, sequence] positions flattened; "
                 f"the call had input shape {self.shape} and the router {num_rows} rows"
             )
-        batch, seq = self.shape
+        seq = self.shape[1]
         if seq == 1:
-            return torch.ones(num_rows, dtype=torch.bool, device=device)
+            return torch.full((num_rows,), positions == "generated", dtype=torch.bool, device=device)
         return (torch.arange(num_rows, device=device) % seq) == seq - 1
 
 
@@ -195,7 +198,7 @@ def _steering_hooks(model: nn.Module, mask: torch.Tensor, steer: Steer, position
     layers = [layer for layer in moe_layers(model) if mask[layer.index].any()]
     for layer in layers:  # fail before any hook is registered
         steer(layer, torch.zeros(1, layer.num_experts), mask[layer.index], torch.float32)
-    shape = _CallShape(model) if positions == "generated" else None
+    shape = _CallShape(model) if positions != "all" else None
 
     def make_hook(layer: MoELayer, experts: torch.Tensor):
         def hook(module: nn.Module, args, output: RouterOutput) -> RouterOutput:
@@ -204,7 +207,7 @@ def _steering_hooks(model: nn.Module, mask: torch.Tensor, steer: Steer, position
             new_indices = new_indices.to(indices.dtype)
             if shape is None:
                 return scores, new_weights, new_indices
-            rows = shape.generated_rows(scores.shape[0], scores.device).unsqueeze(-1)
+            rows = shape.rows(positions, scores.shape[0], scores.device).unsqueeze(-1)
             return scores, torch.where(rows, new_weights, weights), torch.where(rows, new_indices, indices)
 
         return hook
@@ -226,7 +229,7 @@ def steer_away(model: nn.Module, selection: Any, *, positions: str = "all") -> I
     Args:
         model: a transformers 5 MoE causal LM (plain or wrapped).
         selection: the experts to deactivate (see :func:`steering_mask`).
-        positions: ``"all"`` (default) or ``"generated"`` (see the module docstring).
+        positions: ``"all"`` (default), ``"generated"`` or ``"decision"`` (see the module docstring).
 
     Yields the bool mask ``[L, E]`` of deactivated experts. Hooks registered later (for example a routing replay)
     run after the steering hook and see, or override, the steered choice.
@@ -250,7 +253,7 @@ def steer_toward(model: nn.Module, selection: Any, *, margin: float = STEER_TOWA
         selection: the experts to activate (see :func:`steering_mask`), for example the Safety-Critical Experts
             detected on the base model.
         margin: added to the row's maximum log-probability (default 0.01, SteerMoE's); must be >= 0.
-        positions: ``"all"`` (default, SteerMoE's) or ``"generated"`` (see the module docstring).
+        positions: ``"all"`` (default, SteerMoE's), ``"generated"`` or ``"decision"`` (see the module docstring).
 
     Yields the bool mask ``[L, E]`` of activated experts.
     """

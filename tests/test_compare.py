@@ -61,7 +61,7 @@ def test_evenly_keeps_every_family(compare):
 def _results(world: int, seeds: list[int], asr: float) -> dict:
     runs = {"RASA": {f"w{world}/s{s}": report(asr, 1.0).to_dict() for s in seeds}}
     return {"variant": "shared", "settings": {"rasa_rounds": 3}, "budget_epochs": 6, "full_learning_rates": [1e-4],
-            "routing_attack": {"margin": 0.01, "positions": "generated"}, "eval_rows": None, "world_seeds": [world],
+            "routing_attack": {"margin": 0.01, "positions": "decision"}, "eval_rows": None, "world_seeds": [world],
             "seeds": seeds, "runs": runs, "timings_s": {"RASA": [1.0] * len(seeds), "total": 10.0},
             "detected_experts": {str(world): {"0": [1, 2]}}, "random_experts": {}}
 

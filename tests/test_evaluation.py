@@ -295,7 +295,7 @@ def test_routing_attack_asr_counts_the_replies_steered_toward_the_experts(aligne
     judge = ContainsJudge("cannot")
     report = evaluate_safety(aligned, tokenizer, sets, judge, attack_experts=experts, batch_size=BATCH,
                              max_new_tokens=MAX_NEW, progress=False)
-    with steer_toward(aligned, experts, positions="generated"):
+    with steer_toward(aligned, experts, positions="decision"):
         steered = [text for text, _ in greedy(aligned, tokenizer, chats(sets["attacks"]))]
     plain = [text for text, _ in greedy(aligned, tokenizer, chats(sets["attacks"]))]
     assert report.replies["attacks_routing_attack"] == steered and report.replies["attacks"] == plain
@@ -306,14 +306,17 @@ def test_routing_attack_asr_counts_the_replies_steered_toward_the_experts(aligne
     assert report.routing_attack_asr_held_out == pytest.approx(sum(c for c, h in zip(complied, held) if h) / 3)
     assert report.routing_attack_asr_aligned == pytest.approx(sum(c for c, h in zip(complied, held) if not h) / 6)
     assert set(report.routing_attack_asr_by_attack) == {"roleplay", "story", "prefix"}
-    assert report.routing_attack == {"experts": 3, "margin": 0.01, "positions": "generated"}
+    assert report.routing_attack == {"experts": 3, "margin": 0.01, "positions": "decision"}
     assert report.forced_asr is None  # independent of base_model
     table = report.format_table()
     assert "ASR under routing attack, held-out" in table and "ASR under routing attack, prefix (held-out)" in table
     assert report.metrics()["routing_attack_asr/story"] == report.routing_attack_asr_by_attack["story"]
-    everywhere = evaluate_safety(aligned, tokenizer, sets, judge, attack_experts=experts, attack_positions="all",
-                                 attack_margin=1.0, batch_size=BATCH, max_new_tokens=MAX_NEW, progress=False)
-    assert everywhere.routing_attack == {"experts": 3, "margin": 1.0, "positions": "all"}
+    generated = evaluate_safety(aligned, tokenizer, sets, judge, attack_experts=experts, attack_positions="generated",
+                                attack_margin=1.0, batch_size=BATCH, max_new_tokens=MAX_NEW, progress=False)
+    assert generated.routing_attack == {"experts": 3, "margin": 1.0, "positions": "generated"}
+    with steer_toward(aligned, experts, margin=1.0, positions="generated"):
+        expect = [text for text, _ in greedy(aligned, tokenizer, chats(sets["attacks"]))]
+    assert generated.replies["attacks_routing_attack"] == expect
 
 
 def test_routing_attack_settings_are_checked_before_generating(base, tokenizer):

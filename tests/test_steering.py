@@ -150,6 +150,13 @@ def test_steering_generated_positions_only_changes_the_positions_that_produce_to
                 generated = (torch.arange(ia.shape[0]) % seq) == seq - 1
             assert (ib[generated].long().sort(-1).values == torch.tensor([3, 6])).all()
             assert torch.equal(ib[~generated], ia[~generated])
+    with steer_toward(model, selection, positions="decision"):
+        decision = _generated_routing(model, inputs)
+    for step, (a, b) in enumerate(zip(plain, decision)):
+        for ia, ib in zip(a.indices, b.indices):
+            steered_rows = (torch.arange(ia.shape[0]) % seq) == seq - 1 if step == 0 else torch.zeros(ia.shape[0], dtype=bool)
+            assert (ib[steered_rows].long().sort(-1).values == torch.tensor([3, 6])).all()
+            assert torch.equal(ib[~steered_rows], ia[~steered_rows])
     with steer_toward(model, selection, positions="all"):
         everywhere = _generated_routing(model, inputs)
     assert all((i.long().sort(-1).values == torch.tensor([3, 6])).all() for c in everywhere for i in c.indices)

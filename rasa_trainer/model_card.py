@@ -11,7 +11,7 @@ TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards
 
 _HYPERPARAMETERS = (
     "rasa_schedule", "rasa_rounds", "expert_tuning", "expert_lora_rank", "expert_lora_alpha", "expert_learning_rate",
-    "router_learning_rate", "kl_direction", "replay_weights", "per_device_train_batch_size",
+    "router_learning_rate", "router_loss", "kl_direction", "replay_weights", "per_device_train_batch_size",
     "gradient_accumulation_steps", "lr_scheduler_type", "weight_decay", "max_length", "seed",
 )
 

@@ -1,10 +1,13 @@
 """Measured peak memory of real training runs against rasa_trainer.memory.estimate_memory (CPU).
 
-Runs (each in its own subprocess): RASATrainer expert phase (``expert_only``, delta, 12.5% of routed experts),
+Runs (each in its own subprocess): RASATrainer expert phase (``expert_only``, 12.5% of routed experts) with ``delta``
+repairs and with LoRA repairs (rank 8, the forward with two skinny products per selected expert projection),
 RASATrainer router phase (``router_only``) and plain TRL SFTTrainer (full fine-tuning, the estimate's ``full_sft``
 reference), on two models: the OLMoE of ``bench_routing.py`` (4 layers, 64 experts top-8, hidden 256, batch 8 x ~64
-tokens; without and with gradient checkpointing) and a Qwen3-MoE of another shape (6 layers, 32 experts top-4, hidden 192, expert intermediate 96, 6 heads /
-2 key-value heads, batch 4 x ~128 tokens). fp32, AdamW (torch),
+tokens; without and with gradient checkpointing) and a Qwen3-MoE of another shape (6 layers, 32 experts top-4, hidden
+192, expert intermediate 96, 6 heads / 2 key-value heads, batch 4 x ~128 tokens), in fp32; and the Qwen3-MoE in
+bf16 with ``bf16=True`` (``qwen3-moe-b+bf16``: bf16 weights under CPU autocast, as accelerate runs a bf16 model with
+``bf16=True``; the LoRA products then run in bf16, the repairs and routers stay fp32). AdamW (torch),
 ``gradient_checkpointing=False`` except for ``olmoe-bench+gc``.
 
 Measured, per run:
@@ -22,7 +25,7 @@ training batches>, gradient_checkpointing=<as the run>, schedule=<expert_only | 
 (``device="cpu"``: torch's AdamW runs per tensor on the CPU, so its step temporaries are smaller); the table gives
 estimate / measured for the phase totals (target: within 15% of the torch peak).
 
-Usage: ``python benchmarks/bench_memory.py [--steps 3] [--threads 2]``
+Usage: ``python benchmarks/bench_memory.py [--steps 3] [--threads 2] [--models ...] [--runs ...]``
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-RUNS = ("expert", "router", "full")
+RUNS = ("expert", "expert_lora", "router", "full")
+LORA_RANK = 8
 MODELS = {
-    "olmoe-bench": dict(batch=8, seq=64, gc=False),
-    "olmoe-bench+gc": dict(batch=8, seq=64, gc=True),  # the same with gradient checkpointing
-    "qwen3-moe-b": dict(batch=4, seq=128, gc=False),
+    "olmoe-bench": dict(batch=8, seq=64, gc=False, bf16=False),
+    "olmoe-bench+gc": dict(batch=8, seq=64, gc=True, bf16=False),  # the same with gradient checkpointing
+    "qwen3-moe-b": dict(batch=4, seq=128, gc=False, bf16=False),
+    "qwen3-moe-b+bf16": dict(batch=4, seq=128, gc=False, bf16=True),  # bf16 weights, bf16=True (autocast)
 }
 TOLERANCE = 0.15
 
@@ -54,6 +59,8 @@ def make_model(name: str, vocab_size: int = 1024):
 
     if name.startswith("olmoe-bench"):
         return benchmark_model(vocab_size=vocab_size)
+    if MODELS[name]["bf16"]:
+        return make_model(name.split("+")[0], vocab_size).to(torch.bfloat16)
     config = AutoConfig.for_model(
         "qwen3_moe", vocab_size=vocab_size, hidden_size=192, intermediate_size=384, moe_intermediate_size=96,
         num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=32, num_experts=32,
@@ -86,8 +93,7 @@ def worker(model_name: str, run: str, steps: int, threads: int, out: str, profil
     shape = MODELS[model_name]
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(model_name)
-        trainer, model, _ = bt.build_trainer(run, steps * shape["batch"], tmp, shape["batch"], shape["seq"], model=model,
-                                             gradient_checkpointing=shape["gc"])
+        trainer = build_trainer(run, steps * shape["batch"], tmp, model, shape)
         storages = {}
         for t in list(trainer.model.parameters()) + list(trainer.model.buffers()):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -113,6 +119,37 @@ def worker(model_name: str, run: str, steps: int, threads: int, out: str, profil
         json.dump(result, f)
 
 
+def build_trainer(run: str, rows: int, out_dir: str, model, shape: dict):
+    """bench_trainer's runs (full / expert / expert_lora / router), with ``bf16=True`` for the bf16 model."""
+    import bench_trainer as bt
+
+    if not shape["bf16"]:
+        trainer, _, _ = bt.build_trainer(run, rows, out_dir, shape["batch"], shape["seq"], model=model,
+                                         gradient_checkpointing=shape["gc"], lora_rank=LORA_RANK)
+        return trainer
+    from trl import SFTConfig, SFTTrainer
+
+    from rasa_trainer import RASAConfig, RASATrainer
+
+    tokenizer = bt.chat_tokenizer()
+    model.train()
+    pairs = bt.synthetic_pairs(rows, seq_len=shape["seq"], seed=0)
+    common = dict(
+        output_dir=out_dir, per_device_train_batch_size=shape["batch"], use_cpu=True, bf16=True, report_to="none",
+        logging_steps=10_000, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        gradient_checkpointing=shape["gc"], max_length=shape["seq"] + 16, optim="adamw_torch",
+    )
+    if run == "full":
+        data = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]} for r in pairs]
+        args = SFTConfig(num_train_epochs=1, learning_rate=5e-5, lr_scheduler_type="constant", **common)
+        return SFTTrainer(model, args=args, train_dataset=bt._dataset(data), processing_class=tokenizer)
+    schedule = "router_only" if run == "router" else "expert_only"
+    args = RASAConfig(rasa_rounds=1, rasa_schedule=schedule, expert_tuning="lora" if run == "expert_lora" else "delta",
+                      expert_lora_rank=LORA_RANK, **common)
+    return RASATrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer,
+                       safety_critical_experts=bt.selection(model) if schedule == "expert_only" else None)
+
+
 def run_worker(model_name: str, run: str, args, profiled: bool = True) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
@@ -132,6 +169,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -146,33 +184,37 @@ def main() -> None:
     rows = []
     for model_name in args.models:
         model = make_model(model_name)
-        for run in RUNS:
+        for run in args.runs:
             measured = run_worker(model_name, run, args)
             measured["rss_peak"] = run_worker(model_name, run, args, profiled=False)["rss_peak"]
-            schedule = {"expert": "expert_only", "router": "router_only", "full": "expert_only"}[run]
-            estimate = estimate_memory(model, 0.125, dtype="float32", batch_size=measured["batch"],
+            schedule = {"expert": "expert_only", "expert_lora": "expert_only", "router": "router_only",
+                        "full": "expert_only"}[run]
+            bf16 = MODELS[model_name]["bf16"]
+            estimate = estimate_memory(model, 0.125, dtype="bfloat16" if bf16 else "float32", batch_size=measured["batch"],
                                        seq_len=measured["seq_len"], gradient_checkpointing=MODELS[model_name]["gc"],
-                                       schedule=schedule, device="cpu")
-            phase = estimate.phases["full_sft" if run == "full" else run]
+                                       schedule=schedule, device="cpu", mixed_precision=bf16,
+                                       expert_tuning="lora" if run == "expert_lora" else "delta", lora_rank=LORA_RANK)
+            phase = estimate.phases[{"full": "full_sft", "expert_lora": "expert"}.get(run, run)]
             rows.append((model_name, run, phase, measured))
             print(f"{model_name} {run}: estimate {phase.total / 2**20:.1f} MiB, torch peak "
                   f"{measured['torch_peak'] / 2**20:.1f} MiB, RSS peak {measured['rss_peak'] / 2**20:.1f} MiB", flush=True)
 
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-    header = ("model", "phase", "B x n", "weights", "grads", "optim", "activ", "transient", "step", "estimate MiB",
-              "torch peak MiB", "est/torch", "RSS peak MiB", "est/RSS", "within 15%")
+    header = ("model", "phase", "B x n", "weights", "grads", "optim", "activ", "transient", "step", "no-grad",
+              "estimate MiB", "torch peak MiB", "est/torch", "RSS peak MiB", "est/RSS", "within 15%")
     table = []
     for model_name, run, p, m in rows:
         ratio = p.total / m["torch_peak"]
         table.append((model_name, run, f"{m['batch']}x{m['seq_len']}", mib(p.weights), mib(p.gradients),
                       mib(p.optimizer_state), mib(p.activations), mib(p.transient), mib(p.optimizer_step),
-                      mib(p.total), mib(m["torch_peak"]),
+                      mib(p.no_grad_forward), mib(p.total), mib(m["torch_peak"]),
                       f"{ratio:.3f}", mib(m["rss_peak"]), f"{p.total / m['rss_peak']:.3f}",
                       "yes" if abs(ratio - 1) <= TOLERANCE else "NO"))
     print()
-    print(f"bench_memory: estimate_memory vs measured peaks (fp32, AdamW, gradient checkpointing in +gc only, 12.5% of routed "
-          f"experts, delta; {args.steps} steps per run; torch peak = profiler allocator events; component columns are "
-          f"the estimate's, in MiB; estimate = weights + optim + max(activ + transient, grads + step))")
+    print(f"bench_memory: estimate_memory vs measured peaks (fp32 except +bf16 (bf16 weights, bf16=True autocast), AdamW, "
+          f"gradient checkpointing in +gc only, 12.5% of routed experts, delta or LoRA rank {LORA_RANK} (expert_lora); "
+          f"{args.steps} steps per run; torch peak = profiler allocator events; component columns are the estimate's, "
+          f"in MiB; estimate = weights + optim + max(activ + transient, grads + step, grads + no-grad))")
     widths = [max(len(str(r[i])) for r in table + [header]) for i in range(len(header))]
     for line in [header] + table:
         print("  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths))))

@@ -75,6 +75,11 @@ EXPERT_TUNINGS = ("delta", "lora")
 SCHEDULES = ("alternate", "expert_only", "router_only")
 LM_HEAD_VOCAB_TILE = 32768  # TRL's chunked log-probabilities: vocabulary columns per tile
 LM_HEAD_TOKEN_TILE = 4096  # ... and token rows per tile
+# The caching allocator's overhead over the memory allocated on top of the weights (block rounding, fragmentation),
+# and what the CUDA runtime holds outside torch (context, cuBLAS / cuDNN workspaces). Conservative defaults, to be
+# replaced by the ratios benchmarks/gpu_check.py measures (max_memory_reserved / max_memory_allocated).
+ALLOCATOR_SLACK = 0.2
+DEVICE_CONTEXT_BYTES = 768 * 2**20
 
 
 @dataclass
@@ -90,14 +95,26 @@ class PhaseMemory:
     transient: int
     replay_cache: int
     optimizer_step: int = 0
+    no_grad_forward: int = 0
+    allocator_slack: int = 0
+    device_context: int = 0
+    saved_per_layer: list = field(default_factory=list)  # bytes each decoder layer saves for backward (no checkpointing)
 
     @property
     def total(self) -> int:
-        """Peak: weights, optimiser state and device cache always; then the larger of the start of backward (saved
-        activations plus the backward transient) and the optimiser step (gradients plus the step's temporaries).
-        Gradients grow while activations are freed during backward, so the two never peak together."""
+        """Peak of allocated tensors: weights, optimiser state and device cache always; then the largest of the start
+        of backward (saved activations plus the backward transient), the optimiser step (gradients plus the step's
+        temporaries) and a forward without gradients while repairs are attached (gradients of a micro-batch before it
+        plus the merged copy of one layer's experts). Gradients grow while activations are freed during backward, so
+        the two never peak together. This is what ``torch.cuda.max_memory_allocated`` reports."""
         return (self.weights + self.optimizer_state + self.replay_cache
-                + max(self.activations + self.transient, self.gradients + self.optimizer_step))
+                + max(self.activations + self.transient, self.gradients + self.optimizer_step,
+                      self.gradients + self.no_grad_forward))
+
+    @property
+    def device_total(self) -> int:
+        """What the device must hold: :attr:`total` plus the caching allocator's slack and the runtime's context."""
+        return self.total + self.allocator_slack + self.device_context
 
 
 @dataclass
@@ -128,6 +145,7 @@ class MemoryEstimate:
         out = asdict(self)
         for name, phase in self.phases.items():
             out["phases"][name]["total"] = phase.total
+            out["phases"][name]["device_total"] = phase.device_total
         return out
 
     def format(self) -> str:
@@ -155,9 +173,12 @@ class MemoryEstimate:
             ("activations (saved)", [_human(self.phases[n].activations) for n in names]),
             ("transient (backward, LM head)", [_human(self.phases[n].transient) for n in names]),
             ("optimizer step temporaries", [_human(self.phases[n].optimizer_step) for n in names]),
+            ("no-grad forward (merged copy)", [_human(self.phases[n].no_grad_forward) for n in names]),
             ("replay cache on device", [_human(self.phases[n].replay_cache) for n in names]),
             ("total per device (peak)", [_human(self.phases[n].total) for n in names]),
         ]
+        if s["device"] != "cpu":
+            rows.append(("+ allocator slack, context", [_human(self.phases[n].device_total) for n in names]))
         if s["num_processes"] > 1:
             rows.append((f"total, {s['num_processes']} processes", [_human(self.phases[n].total * s["num_processes"]) for n in names]))
         widths = [max(len(r[0]) for r in rows + [("", [])])] + [
@@ -179,8 +200,12 @@ class MemoryEstimate:
         else:
             cache += f": {_human(per_token * 10**6)} per 1M tokens"
         lines.append(cache)
-        lines.append("peak = weights + optimizer state + max(activations + transient, gradients + optimizer step); "
-                     "activations are an approximate formula (see rasa_trainer.memory), expect roughly +-15%.")
+        lines.append("peak = weights + optimizer state + max(activations + transient, gradients + optimizer step, "
+                     "gradients + no-grad forward); activations are an approximate formula (see rasa_trainer.memory), "
+                     "expect roughly +-15%.")
+        if s["device"] != "cpu":
+            lines.append(f"device total = peak + allocator slack ({s['allocator_slack']:.0%} of the peak above the "
+                         f"weights) + {_human(s['device_context_bytes'])} runtime context")
         return "\n".join(lines)
 
     __str__ = format
@@ -295,15 +320,6 @@ def _step_temporaries(trainable: int, largest: int, moment_bytes: int, optimizer
     return 2 * largest * moment_bytes if device == "cpu" else trainable * moment_bytes
 
 
-def _attention_dims(text_config) -> tuple[int, int, int]:
-    hidden = int(text_config.hidden_size)
-    heads = int(getattr(text_config, "num_attention_heads", 1) or 1)
-    head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
-    v_dim = int(getattr(text_config, "v_head_dim", None) or head_dim)
-    return heads * max(head_dim, v_dim), kv_heads * (head_dim + v_dim) // 2, heads
-
-
 def _dense_intermediate(model: torch.nn.Module, layers, hidden: int) -> dict[int, int]:
     """Per decoder layer, the intermediate width of its dense MLP or shared experts (0 when there is none), from the
     2-D weights of the MLP block outside the routed experts and the router."""
@@ -356,6 +372,9 @@ def estimate_memory(
     schedule: str = "alternate",
     replay_cache_device: str = "cpu",
     device: str = "cuda",
+    mixed_precision: bool | None = None,
+    allocator_slack: float = ALLOCATOR_SLACK,
+    device_context_bytes: int | None = None,
 ) -> MemoryEstimate:
     """Predict the memory of a RASA run, per phase and per device.
 
@@ -374,8 +393,18 @@ def estimate_memory(
         replay_weights: as ``RASAConfig.replay_weights`` ("recompute" stores no weights in the cache).
         schedule: ``"alternate"`` (default), ``"expert_only"`` or ``"router_only"``.
         replay_cache_device: where the caches live (``RASAConfig.replay_cache_device``, CPU by default).
-        device: the training device type (``"cuda"`` or any accelerator, or ``"cpu"``); it only changes the optimiser
-            step's temporaries (torch's AdamW is multi-tensor on accelerators and per tensor on the CPU).
+        device: the training device type (``"cuda"`` or any accelerator, or ``"cpu"``); it changes the optimiser
+            step's temporaries (torch's AdamW is multi-tensor on accelerators and per tensor on the CPU) and whether a
+            device context is added.
+        mixed_precision: whether the forward runs under autocast (``bf16=True`` / ``fp16=True`` in the training
+            arguments: accelerate wraps the forward in ``torch.autocast``). Default: on for a 16-bit ``dtype``. It
+            changes the precision of the LoRA products (fp32 factors: fp32 products without autocast, 16-bit ones
+            under it).
+        allocator_slack: the caching allocator's overhead on the device, as a fraction of the memory allocated on top
+            of the weights (fragmentation and rounding; ``torch.cuda.max_memory_reserved`` over
+            ``max_memory_allocated``); reported in ``device_total``.
+        device_context_bytes: memory the device runtime holds outside torch's allocator (CUDA context, cuBLAS
+            workspaces); default 768 MiB on an accelerator, 0 on the CPU; reported in ``device_total``.
 
     Returns a :class:`MemoryEstimate`; ``print(estimate.format())`` shows the table.
     """
@@ -392,7 +421,13 @@ def estimate_memory(
             raise ValueError(f"{name}={value!r}; it must be a positive integer")
     if tokens_in_dataset is not None and (not isinstance(tokens_in_dataset, int) or tokens_in_dataset < 0):
         raise ValueError(f"tokens_in_dataset={tokens_in_dataset!r}; it must be a non-negative integer or None")
+    if not 0 <= allocator_slack < 1:
+        raise ValueError(f"allocator_slack={allocator_slack!r}; give a fraction in [0, 1)")
     b = _dtype_bytes(dtype)
+    if mixed_precision is None:
+        mixed_precision = b == 2
+    if device_context_bytes is None:
+        device_context_bytes = 0 if device == "cpu" else DEVICE_CONTEXT_BYTES
 
     model = _resolve_model(config_or_model_id_or_model)
     layers = moe_layers(model)
@@ -460,8 +495,8 @@ def estimate_memory(
         cache_on_device = cache_total
 
     # activations
-    acts = _activations(model, layers, text_config, b, batch_size, seq_len, selected, num_routed, params_per_expert,
-                        gradient_checkpointing)
+    acts = _activations(model, layers, text_config, b, batch_size, seq_len, selected, num_routed,
+                        gradient_checkpointing, expert_tuning, lora_rank, mixed_precision, schedule, device)
 
     has_expert = schedule in ("alternate", "expert_only")
     has_router = schedule in ("alternate", "router_only")
@@ -474,7 +509,8 @@ def estimate_memory(
         phases["expert"] = PhaseMemory(
             "expert", weights, trainable_expert, 4 * trainable_expert, opt_expert + (opt_router if both else 0),
             acts["expert"], acts["expert_transient"], cache_on_device,
-            _step_temporaries(trainable_expert, largest_repair, 4, optimizer, device),
+            _step_temporaries(trainable_expert, largest_repair, 4, optimizer, device), acts["no_grad"],
+            saved_per_layer=acts["per_layer"]["expert"],
         )
     if has_router:
         phases["router"] = PhaseMemory(
@@ -482,6 +518,7 @@ def estimate_memory(
             acts["router"], acts["router_transient"],
             cache_on_device if schedule == "alternate" else (cache_on_device // 2 if cache_on_device else 0),
             _step_temporaries(trainable_router, max(p.numel() for p in router_params), 4, optimizer, device),
+            acts["no_grad"], saved_per_layer=acts["per_layer"]["router"],
         )
     if optimizer == "adamw":
         full_opt = 2 * b * num_parameters + 4 * len(params)  # torch AdamW keeps its moments in the parameters' dtype
@@ -490,14 +527,19 @@ def estimate_memory(
     phases["full_sft"] = PhaseMemory(
         "full_sft", weight_bytes, num_parameters, b * num_parameters, full_opt, acts["full"], acts["full_transient"], 0,
         _step_temporaries(num_parameters, max(p.numel() for p in params), b, optimizer, device),
+        saved_per_layer=acts["per_layer"]["full"],
     )
     settings = dict(
         expert_tuning=expert_tuning, lora_rank=lora_rank, dtype=str(dtype).replace("torch.", ""), optimizer=optimizer,
         batch_size=batch_size, seq_len=seq_len, tokens_in_dataset=tokens_in_dataset,
         gradient_checkpointing=gradient_checkpointing, num_processes=num_processes, replay_weights=replay_weights,
         schedule=schedule, replay_cache_device=replay_cache_device, device=device, index_bytes=index_bytes,
-        weight_bytes=weight_bytes_cached,
+        weight_bytes=weight_bytes_cached, mixed_precision=mixed_precision, allocator_slack=allocator_slack,
+        device_context_bytes=device_context_bytes,
     )
+    for phase in phases.values():
+        phase.allocator_slack = int(allocator_slack * (phase.total - phase.weights))
+        phase.device_context = device_context_bytes
     return MemoryEstimate(
         model_type=str(getattr(model.config, "model_type", type(model).__name__)),
         num_parameters=num_parameters, weight_bytes=weight_bytes, num_moe_layers=len(layers),
@@ -510,78 +552,176 @@ def estimate_memory(
 
 
 def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: int, selected: int, num_routed: int,
-                 params_per_expert: int, checkpointing: bool) -> dict[str, int]:
-    """Saved activations and transient peak per phase (see the module docstring for the formulas)."""
+                 checkpointing: bool, expert_tuning: str, lora_rank: int, mixed_precision: bool,
+                 schedule: str, device: str) -> dict:
+    """Saved activations, backward transient and no-grad working set per phase (formulas in the module docstring)."""
     T, n = batch_size * seq_len, seq_len
     H = int(text_config.hidden_size)
     V = int(text_config.vocab_size)
-    Q, KV, heads = _attention_dims(text_config)
+    Q, K, Vd, heads = _attention_shapes(text_config)
     by_layer = {layer.layer_index: layer for layer in layers}
     decoder = _decoder_layers(model)
     dense = _dense_intermediate(model, layers, H)
+    num_layers = len(decoder)
+    first_moe = min(by_layer)
+    share = selected / num_routed  # the selected experts' share of the assignments (and of each layer's experts)
+    repaired = schedule in ("alternate", "expert_only")  # repairs are attached (and run the per-slot forward)
+    lora = expert_tuning == "lora"
+    # the LoRA products run in fp32 (the factors' dtype), or in the autocast dtype under mixed precision
+    f = b if mixed_precision else 4
 
-    def layer_bytes(i: int, kind: str) -> float:
-        """Bytes per token that decoder layer i saves: kind = full / frozen / router-extra / expert-extra."""
-        moe = by_layer.get(i)
-        d = dense.get(i, 0)
-        if kind == "full":
-            total = b * (8 * H + 4 * Q + 2 * KV) + 4 * n + 4 * heads
-            if moe is not None:
-                k, inter, E = moe.top_k, _expert_intermediate(moe), moe.num_experts
+    def attention(i: int) -> float:
+        """Attention block of a frozen layer whose input needs a gradient: the RMSNorms keep fp32 copies of their
+        inputs (the two layer norms, and q/k norms where the family has them), SDPA keeps q, k, v, its output and
+        the fp32 log-sum-exp; plus the attention mask."""
+        qk_norm = _has_qk_norm(decoder[i])
+        return 8 * H + (4 * (Q + K) if qk_norm else 0) + b * (2 * Q + K + Vd) + 4 * heads + 4 * n
+
+    def moe(layer, phase: str, input_grad: bool) -> tuple[float, float, float]:
+        """(bytes per token saved, bytes per layer saved, bytes per token of the backward working set) of one MoE
+        block in ``phase`` ("expert" / "router") with the base weights frozen."""
+        k, inter, E = layer.top_k, _expert_intermediate(layer), layer.num_experts
+        gated = bool(getattr(layer.experts, "has_gate", True))
+        act = (3 if gated else 1) * inter  # per assignment: the gate/up halves and the activation (gated), or its input
+        down_in = inter
+        S_l = share * E
+        per_expert = sum(getattr(layer.experts, name)[0].numel() for name in layer.expert_parameter_names())
+        lora_per_expert = sum(lora_rank * (p.shape[1] + p.shape[2]) for name in layer.expert_parameter_names()
+                              if (p := getattr(layer.experts, name)).dim() == 3)
+        widest = max(max(getattr(layer.experts, name).shape[1:]) for name in layer.expert_parameter_names())
+        sel, unsel = k * share, k * (1 - share)
+        index = 32 * k  # int64 slot / sort indices per assignment
+        router = 4 * E + 12 * k + 4 + b * k  # fp32 scores, top-k indices and weights; the weights the outputs are scaled by
+        per_token = router + index
+        fixed = 0.0
+        work = b * k * H  # one per-slot buffer [N * k, H] (the gradient of the per-slot outputs)
+        trains_repairs = phase == "expert" and repaired
+        if input_grad:
+            per_token += unsel * b * act
+        if not repaired or not (sel > 0):
+            per_token += sel * b * act if input_grad else 0
+        elif trains_repairs and lora:
+            # x and the expert's hidden activation in the factors' precision (inputs of x A^T), x A^T per projection,
+            # the gate/up halves and activation, the concatenated outputs of the selected rows
+            per_token += sel * (f * (H + down_in) + f * 2 * lora_rank + b * act + b * H)
+            fixed += S_l * lora_per_expert * b if mixed_precision else 0  # autocast copies of the factors
+            work += sel * 8 * widest  # fp32 gradients of one skinny update
+        elif trains_repairs:
+            # delta: the kernel on the repaired slices keeps its input, the gate/up halves, the activation and the
+            # down projection's input; the effective slices [S, out, in] in the model dtype are kept for the
+            # gradient of each projection's input (the first projection's only when the layer input needs one)
+            per_token += sel * b * (H + act + down_in)
+            first = "gate_up_proj" if "gate_up_proj" in layer.expert_parameter_names() else "up_proj"
+            kept = per_expert if input_grad else per_expert - getattr(layer.experts, first)[0].numel()
+            fixed += S_l * kept * b
+        elif lora:  # frozen LoRA repairs (router phase): the gate/up halves, activation and concatenated outputs
+            per_token += sel * b * (act + H) if input_grad else 0
+        else:  # frozen delta repairs (router phase): the kernel keeps the effective slices it was given
+            per_token += sel * b * act if input_grad else 0
+            fixed += S_l * per_expert * b if input_grad else 0
+        if phase == "router":
+            # the per-slot expert outputs multiplied by differentiable weights, the fp32 router input, fp32 logits
+            per_token += b * k * H + 4 * H + 4 * E
+        if trains_repairs and not lora:
+            work_fixed = S_l * per_expert * (b + 4)  # gradient of the effective slices, and its fp32 cast
+        else:
+            work_fixed = 0.0
+        return per_token, fixed, work, work_fixed
+
+    def layer_bytes(i: int, phase: str) -> tuple[float, float]:
+        """(bytes saved by decoder layer i for T tokens, its backward working set) in ``phase``."""
+        layer, d = by_layer.get(i), dense.get(i, 0)
+        if phase == "full":
+            total = b * (8 * H + 4 * Q + (K + Vd)) + 4 * n + 4 * heads
+            if layer is not None:
+                k, inter, E = layer.top_k, _expert_intermediate(layer), layer.num_experts
                 total += b * k * (2 * H + 4 * inter) + 8 * E + 40 * k
             if d:
                 total += b * (H + 4 * d)
-            return total
-        if kind == "frozen":
-            total = b * (3 * H + 4 * Q + KV) + 4 * n
-            if moe is not None:
-                k, inter, E = moe.top_k, _expert_intermediate(moe), moe.num_experts
-                total += b * 3 * k * inter + 4 * E + 24 * k
-            if d:
-                total += b * 3 * d
-            return total
-        if kind == "router":
-            if moe is None:
-                return 0.0
-            return b * moe.top_k * H + 4 * H + 8 * moe.num_experts
-        raise ValueError(kind)
+            return T * total, T * total
+        # the embeddings are frozen: layers up to the first MoE layer get inputs that need no gradient (in the
+        # router phase the first router's input does not either, but its weights need its output)
+        input_grad = i > first_moe
+        per_token = attention(i) if input_grad else 0.0
+        per_token += b * 3 * d if (d and input_grad) else 0
+        fixed = work = work_fixed = 0.0
+        if layer is not None:
+            p, fx, w, wf = moe(layer, phase, input_grad)
+            per_token, fixed, work, work_fixed = per_token + p, fx, w, wf
+        saved = T * per_token + fixed
+        return saved, saved + T * work + work_fixed
 
-    num_layers = len(decoder)
-    first_moe = min(by_layer)
-    full_layers = [layer_bytes(i, "full") for i in range(num_layers)]
-    frozen_layers = [layer_bytes(i, "frozen") if i > first_moe else 0.0 for i in range(num_layers)]
-    router_extra = [layer_bytes(i, "router") for i in range(num_layers)]
-    # the selected experts' own path: per token, k * S_l / E_l assignments per MoE layer reach a selected expert
-    share = selected / num_routed
-    repair_path = b * share * sum(l.top_k * (2 * H + 4 * _expert_intermediate(l)) for l in layers)
-    effective_weights = selected * params_per_expert * b
-    lm_head_saved = b * H
-    # TRL's chunked log-probabilities in backward: one [min(T, 4096), 32768] tile in the compute dtype (its width is
-    # fixed, whatever the vocabulary), the fp32 gradient of the hidden states, and for full fine-tuning the fp32
-    # gradient of the LM head weight. Every position is scored (on CUDA TRL scores the completion positions only,
-    # so this is an upper bound there).
-    lm_head_transient = min(T, LM_HEAD_TOKEN_TILE) * LM_HEAD_VOCAB_TILE * b + 4 * T * H
-    lm_head_weight_grad = 4 * V * H
+    per_layer: dict[str, list[int]] = {}
 
-    def phase(per_layer: list[float], extra_per_token: float, extra_fixed: float, lm_head: bool) -> tuple[int, int]:
-        biggest = max(per_layer) if per_layer else 0.0
+    def phase_totals(phase: str, lm_head: bool) -> tuple[int, int]:
+        saved_layers, working = zip(*(layer_bytes(i, phase) for i in range(num_layers)))
+        per_layer[phase] = [int(x) for x in saved_layers]
         if checkpointing:
-            saved = T * (num_layers * b * H + biggest) + extra_fixed / len(layers)
-            saved += T * extra_per_token / len(layers)
+            # one checkpoint (the layer input) per decoder layer; backward recomputes one layer at a time
+            saved = T * num_layers * b * H + max(saved_layers)
         else:
-            saved = T * sum(per_layer) + extra_fixed + T * extra_per_token
+            saved = sum(saved_layers)
+        # backward through one layer: its saved tensors, the gradients flowing through it and the gradient of its
+        # output; the LM head's buffers are gone by then, so the two transients never add up
+        transient = max(working) + T * b * H
         if lm_head:
-            saved += T * lm_head_saved
-        transient = T * biggest + (lm_head_transient if lm_head else 0)
+            saved += T * b * H
+            transient = max(transient, lm_head_transient)
         return int(saved), int(transient)
 
-    full, full_t = phase(full_layers, 0.0, 0.0, True)
-    full_t += lm_head_weight_grad
-    expert, expert_t = phase(frozen_layers, repair_path, effective_weights, True)
-    router_layers = [f + r for f, r in zip(frozen_layers, router_extra)]
-    router, router_t = phase(router_layers, 0.0, 0.0, False)
+    # TRL's chunked log-probabilities (the fused LM head) in backward: one [min(T, 4096), 32768] buffer in the compute
+    # dtype (its width is fixed, whatever the vocabulary) that Triton turns into the logits gradient in place, and the
+    # fp32 gradient of the hidden states; without Triton (CPU) the tile's gradient is computed with torch ops, about
+    # six fp32 temporaries of one [tokens, min(V, 32768)] tile (seven when the tile is not fp32), plus a boolean mask.
+    # Full fine-tuning adds the fp32 gradient of the LM head weight. On CPU every position is scored; on CUDA TRL
+    # scores the completion positions only, so this is an upper bound there.
+    rows = min(T, LM_HEAD_TOKEN_TILE)
+    lm_head_transient = rows * LM_HEAD_VOCAB_TILE * b + 4 * T * H
+    if device == "cpu":
+        lm_head_transient += rows * min(V, LM_HEAD_VOCAB_TILE) * (24 + (4 if b != 4 else 0) + 1)
+    full, full_t = phase_totals("full", True)
+    full_t += 4 * V * H
+    expert, expert_t = phase_totals("expert", True)
+    router, router_t = phase_totals("router", False)
     return {"full": full, "full_transient": full_t, "expert": expert, "expert_transient": expert_t,
-            "router": router, "router_transient": router_t}
+            "router": router, "router_transient": router_t,
+            "no_grad": _no_grad_forward(layers, H, b, T, share, expert_tuning) if repaired else 0,
+            "per_layer": per_layer}
+
+
+def _no_grad_forward(layers, H: int, b: int, T: int, share: float, expert_tuning: str) -> int:
+    """Working set of a forward without gradients while repairs are attached (the phase-start routing record, the
+    router phase's anchor pass, evaluation): each MoE layer runs its kernel on a copy of its fused expert weights
+    with the repaired slices written in (``E * P_e`` in the model dtype), built from the selected slices in the
+    repair's fp32 (base slices, their fp32 copy, the fp32 sum, the rounded result; LoRA adds ``B @ A`` and its
+    scaled copy), plus the kernel's per-assignment working set."""
+    worst = 0.0
+    for layer in layers:
+        names = layer.expert_parameter_names()
+        E, k, inter = layer.num_experts, layer.top_k, _expert_intermediate(layer)
+        full_copy = sum(getattr(layer.experts, name).numel() for name in names) * b
+        largest = max(getattr(layer.experts, name)[0].numel() for name in names)
+        # gathered base slices, their fp32 copy, the fp32 repair (LoRA: B @ A before and after scaling), the sum
+        slices = math.ceil(share * E) * largest * (b + 12 + (4 if expert_tuning == "lora" else 0))
+        kernel = T * k * b * (2 * H + 3 * inter)
+        worst = max(worst, full_copy + slices + kernel)
+    return int(worst)
+
+
+def _has_qk_norm(decoder_layer) -> bool:
+    attention = getattr(decoder_layer, "self_attn", None) or getattr(decoder_layer, "attention", None)
+    return attention is not None and hasattr(attention, "q_norm") and hasattr(attention, "k_norm")
+
+
+def _attention_shapes(text_config) -> tuple[int, int, int, int]:
+    """Widths per token of queries, keys and values, and the number of heads."""
+    hidden = int(text_config.hidden_size)
+    heads = int(getattr(text_config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
+    qk_dim = int(getattr(text_config, "qk_head_dim", None) or head_dim)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    v_dim = int(getattr(text_config, "v_head_dim", None) or head_dim)
+    return heads * qk_dim, kv_heads * qk_dim, kv_heads * v_dim, heads
 
 
 @torch.no_grad()
@@ -611,3 +751,74 @@ def _expert_intermediate(layer) -> int:
     """The intermediate width of one routed expert of ``layer`` (from ``down_proj``)."""
     down = layer.experts.down_proj
     return int(down.shape[1] if layer.is_transposed else down.shape[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan from a training config
+# ----------------------------------------------------------------------------------------------------------------
+
+_OPTIMIZER_NAMES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_bnb_8bit": "adamw_8bit",
+                    "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit"}
+
+
+def estimate_memory_from_config(config, model=None, **overrides) -> MemoryEstimate:
+    """The memory plan of a training config: the YAML file (or dict) that ``rasa-trainer train --config`` reads.
+
+    The plan's settings come from the config's own keys (``RASAConfig`` / ``SFTConfig`` defaults where a key is
+    absent): ``expert_tuning``, ``expert_lora_rank``, ``dtype``, ``optim``, ``per_device_train_batch_size``,
+    ``max_length`` (the padded length), ``activation_checkpointing`` (or the deprecated ``gradient_checkpointing``),
+    ``replay_weights``, ``rasa_schedule``, ``replay_cache_device``, ``sce_num_experts`` (the selection size),
+    ``bf16`` / ``fp16`` (autocast) and ``use_cpu``. The model is ``model`` (a model, config or path) or the config's
+    ``model_name_or_path``, resolved offline: a local path, a model id in the local Hugging Face cache, or else a
+    built-in preset of the same name (``Qwen/Qwen3-30B-A3B`` -> the ``Qwen3-30B-A3B`` preset: the published
+    config values). ``overrides`` are passed on to :func:`estimate_memory` (e.g. ``num_processes``,
+    ``tokens_in_dataset``).
+    """
+    if isinstance(config, (str, os.PathLike)):
+        import yaml
+
+        with open(config) as f:
+            values = yaml.safe_load(f) or {}
+    else:
+        values = dict(config)
+    if model is None:
+        model_id = values.get("model_name_or_path")
+        if not model_id:
+            raise ValueError("the config has no model_name_or_path; pass model=")
+        model = _model_or_preset(model_id)
+    ckpt = values.get("activation_checkpointing", values.get("gradient_checkpointing"))
+    optim = values.get("optim", "adamw_torch")
+    if optim not in _OPTIMIZER_NAMES:
+        raise ValueError(f"optim={optim!r}: the plan knows {sorted(_OPTIMIZER_NAMES)}")
+    dtype = values.get("dtype") or values.get("torch_dtype")
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if values.get("bf16") else "float16" if values.get("fp16") else "float32"
+    selection = values.get("sce_num_experts", 0.125)
+    selection = int(selection) if float(selection) >= 1 else float(selection)
+    kwargs = dict(
+        expert_tuning=values.get("expert_tuning", "delta"), lora_rank=int(values.get("expert_lora_rank", 8)),
+        dtype=dtype, optimizer=_OPTIMIZER_NAMES[optim],
+        batch_size=int(values.get("per_device_train_batch_size", 8)), seq_len=int(values.get("max_length", 1024)),
+        gradient_checkpointing=True if ckpt is None else bool(ckpt),
+        replay_weights=values.get("replay_weights", "cached"), schedule=values.get("rasa_schedule", "alternate"),
+        replay_cache_device=values.get("replay_cache_device", "cpu"),
+        device="cpu" if values.get("use_cpu") else "cuda",
+        mixed_precision=bool(values.get("bf16") or values.get("fp16")),
+    )
+    kwargs.update(overrides)
+    return estimate_memory(model, selection, **kwargs)
+
+
+def _model_or_preset(model_id: str):
+    try:
+        return _resolve_model(model_id)
+    except ValueError:
+        from .cli.estimate_memory import PRESETS
+
+        name = model_id.rstrip("/").rsplit("/", 1)[-1].lower()
+        for preset, (model_type, values) in PRESETS.items():
+            if preset.lower() == name:
+                from transformers import AutoConfig
+
+                return meta_model(AutoConfig.for_model(model_type, **values))
+        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -11,13 +12,13 @@ import torch
 from trl import SFTConfig
 
 from .data import DEFAULT_REFUSAL
+from .repairs import REPAIR_MODES
+from .routing import REPLAY_WEIGHT_MODES
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("alternate", "expert_only", "router_only", "full")
 KL_DIRECTIONS = ("forward", "reverse", "symmetric")
-EXPERT_TUNINGS = ("delta", "lora")
-REPLAY_WEIGHTS = ("cached", "recompute")
 SELECTION_POLICIES = ("global_topk", "per_layer_topk", "batch_union", "per_layer_top_p", "random")
 ROUTER_LOSSES = ("pooled", "per_pair")
 
@@ -65,7 +66,7 @@ class RASAConfig(SFTConfig):
     expert_tuning: str = field(
         default="delta",
         metadata={"help": "How selected experts learn: 'delta' (full-rank deltas of their slices) or 'lora'.",
-                  "choices": list(EXPERT_TUNINGS)},
+                  "choices": list(REPAIR_MODES)},
     )
     expert_lora_rank: int = field(default=8, metadata={"help": "LoRA rank per selected expert (expert_tuning='lora')."})
     expert_lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha/rank)."})
@@ -73,7 +74,7 @@ class RASAConfig(SFTConfig):
         default="cached",
         metadata={"help": "Expert phase routing replay: 'cached' replays the recorded top-k weights exactly; "
                           "'recompute' keeps the recorded experts and recomputes weights from live router scores.",
-                  "choices": list(REPLAY_WEIGHTS)},
+                  "choices": list(REPLAY_WEIGHT_MODES)},
     )
     replay_cache_device: str = field(
         default="cpu", metadata={"help": "Where the expert-phase routing cache lives ('cpu' keeps it off the accelerator)."}
@@ -83,6 +84,18 @@ class RASAConfig(SFTConfig):
     )
     default_refusal: str = field(
         default=DEFAULT_REFUSAL, metadata={"help": "Completion used for rows without a `completion`."}
+    )
+    retain_ratio: float = field(
+        default=0.25,
+        metadata={"help": "Retain rows (RASATrainer's `retain_dataset`) per pair row in each expert-phase batch, e.g. "
+                          "0.25: 4 retain rows next to 16 pairs; 0 disables. Only used with a retain_dataset; the "
+                          "router phase never sees retain rows."},
+    )
+    retain_max_new_tokens: int = field(
+        default=64, metadata={"help": "New tokens of the base model's greedy reply to retain prompts without a completion."}
+    )
+    retain_batch_size: int = field(
+        default=16, metadata={"help": "Generation batch size for retain prompts without a completion."}
     )
     sce_policy: str = field(
         default="global_topk",
@@ -177,8 +190,8 @@ class RASAConfig(SFTConfig):
         for name, choices in (
             ("rasa_schedule", SCHEDULES),
             ("kl_direction", KL_DIRECTIONS),
-            ("expert_tuning", EXPERT_TUNINGS),
-            ("replay_weights", REPLAY_WEIGHTS),
+            ("expert_tuning", REPAIR_MODES),
+            ("replay_weights", REPLAY_WEIGHT_MODES),
             ("sce_policy", SELECTION_POLICIES),
             ("router_loss", ROUTER_LOSSES),
         ):
@@ -191,7 +204,12 @@ class RASAConfig(SFTConfig):
         for name in ("expert_learning_rate", "router_learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("expert_lora_rank", "detection_batch_size", "detection_max_new_tokens"):
+        if isinstance(self.retain_ratio, bool) or not isinstance(self.retain_ratio, (int, float)) or not (
+                math.isfinite(self.retain_ratio) and self.retain_ratio >= 0):
+            raise ValueError(f"retain_ratio={self.retain_ratio!r}; it must be a finite number >= 0 (retain rows per pair "
+                             f"row in expert-phase batches; 0 disables the retain data)")
+        for name in ("expert_lora_rank", "detection_batch_size", "detection_max_new_tokens", "retain_max_new_tokens",
+                     "retain_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; it must be an integer >= 1")

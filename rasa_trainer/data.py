@@ -27,7 +27,7 @@ __all__ = [
     "DatasetContractError",
     "as_messages",
     "completion_text",
-    "render_prompt",
+    "render_chat",
     "validate_pairs",
 ]
 
@@ -92,28 +92,36 @@ def completion_text(x: str | Sequence[Mapping[str, Any]] | None, default: str | 
     return x if isinstance(x, str) else x[0]["content"]
 
 
-def render_prompt(
-    tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], *, tokenize: bool = False
+def render_chat(
+    tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+    tokenize: bool = False, chat_template: str | None = None,
 ) -> str | list[int]:
-    """Render a context with the tokenizer's chat template, ready for the model to answer.
+    """Render a conversation with the tokenizer's chat template: the one renderer of the package (detection,
+    evaluation, generation and the trainer's anchor/prompt tokenisation all use it).
 
-    Applies the chat template with `add_generation_prompt=True`. The rendered string already holds the template's
-    special tokens (BOS, ...): tokenize it with `add_special_tokens=False`, or pass `tokenize=True` to get the token ids
-    directly.
+    With ``add_generation_prompt=True`` (default) the result ends where the assistant's reply starts. The rendered
+    string already holds the template's special tokens (BOS, ...): tokenize it with ``add_special_tokens=False``, or
+    pass ``tokenize=True`` to get the token ids directly.
 
     Args:
         tokenizer: a tokenizer (or processor) with a chat template.
         messages: a string (one user turn) or a list of chat messages.
-        tokenize: return token ids (`list[int]`) instead of the string.
+        add_generation_prompt: append the assistant's generation prompt.
+        tokenize: return token ids (``list[int]``) instead of the string.
+        chat_template: a template to use instead of the tokenizer's own.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat template, so RASA cannot format contexts the way the model sees "
             "them. Set `tokenizer.chat_template` (e.g. copy it from the instruct version of the model) before training."
         )
-    return tokenizer.apply_chat_template(
-        as_messages(messages), add_generation_prompt=True, tokenize=tokenize, return_dict=False
+    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    out = tokenizer.apply_chat_template(
+        as_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=tokenize, return_dict=False, **kwargs
     )
+    if tokenize and (isinstance(out, dict) or hasattr(out, "keys")):
+        out = out["input_ids"]
+    return list(out) if tokenize else out
 
 
 def validate_pairs(

@@ -1,4 +1,4 @@
-"""Safety-Critical Expert detection, step 1 of RASA (see ``/work/shared/METHOD.md``).
+"""Safety-Critical Expert detection, step 1 of RASA (see ``docs/method.md``).
 
 For each (adversarial ``prompt``, plain ``anchor_prompt``) pair the model replies to both contexts (batched, greedy by
 default); a judge labels each reply refused or not; pairs whose anchor was refused and whose attack succeeded are kept.

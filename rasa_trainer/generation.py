@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import render_chat
 from .moe import MoELayer, moe_layers
 from .routing import Routing, compact_index_dtype
 
@@ -52,16 +53,6 @@ class GenerationBatch:
         if keep.numel() != len(self.replies):
             raise ValueError(f"got {keep.numel()} flags for {len(self.replies)} replies")
         return self.routing.select(keep[self.token_rows])
-
-
-def render_chat(tokenizer, conversation: Sequence[dict]) -> str:
-    """The prompt text of a conversation with the assistant's generation prompt appended."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no chat template; set tokenizer.chat_template (a Jinja template) before "
-            f"generating replies to chat conversations"
-        )
-    return tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

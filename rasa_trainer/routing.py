@@ -75,18 +75,6 @@ class Routing:
             total += sum(t.element_size() * t.shape[-1] for t in self.weights)
         return total
 
-    @staticmethod
-    def concat(routings: list["Routing"]) -> "Routing":
-        """Concatenate routings of several passes along the token dimension."""
-        if not routings:
-            raise ValueError("no routings to concatenate")
-        layers = range(routings[0].num_layers)
-        cat = lambda key, l: torch.cat([getattr(r, key)[l] for r in routings])  # noqa: E731
-        probs = None
-        if all(r.probabilities is not None for r in routings):
-            probs = [torch.cat([r.probabilities[l] for r in routings]) for l in layers]
-        return Routing([cat("indices", l) for l in layers], [cat("weights", l) for l in layers], probs)
-
 
 def real_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Flat bool mask of the real (non-padding) positions of a ``[batch, seq]`` attention mask, in the order of a

@@ -11,7 +11,7 @@ from rasa_trainer.data import (
     DatasetContractError,
     as_messages,
     completion_text,
-    render_prompt,
+    render_chat,
     validate_pairs,
 )
 
@@ -279,7 +279,7 @@ def test_completion_text():
 
 
 class _TemplateTokenizer:
-    """Just enough of a tokenizer to check what render_prompt asks of it."""
+    """Just enough of a tokenizer to check what render_chat asks of it."""
 
     chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 
@@ -288,13 +288,13 @@ class _TemplateTokenizer:
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
 
-def test_render_prompt_uses_generation_prompt():
+def test_render_chat_uses_generation_prompt():
     tok = _TemplateTokenizer()
-    assert render_prompt(tok, "hi") == "<user>hi<assistant>"
+    assert render_chat(tok, "hi") == "<user>hi<assistant>"
     assert tok.kwargs["add_generation_prompt"] is True and tok.kwargs["tokenize"] is False
 
 
-def test_render_prompt_with_real_tokenizer():
+def test_render_chat_with_real_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -303,8 +303,8 @@ def test_render_prompt_with_real_tokenizer():
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", bos_token="<s>")
     with pytest.raises(ValueError, match="chat_template"):
-        render_prompt(tok, "hi")
+        render_chat(tok, "hi")
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
                          "{% if add_generation_prompt %}assistant :{% endif %}")
-    assert render_prompt(tok, "hi") == "<s>user : hi assistant :"
-    assert render_prompt(tok, [user("hi")], tokenize=True) == [1, 2, 3, 4, 5, 3]
+    assert render_chat(tok, "hi") == "<s>user : hi assistant :"
+    assert render_chat(tok, [user("hi")], tokenize=True) == [1, 2, 3, 4, 5, 3]

@@ -473,16 +473,8 @@ def test_distributed_ranks_hold_the_identical_selection(model, tokenizer, tmp_pa
 # the script
 
 
-def test_detect_experts_script(model, tokenizer, tmp_path, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "detect_experts", Path(__file__).parents[1] / "examples" / "detect_experts.py")
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "detect_experts", script)  # dataclasses resolve annotations through it
-    spec.loader.exec_module(script)
+def test_detect_subcommand_with_yaml_config(model, tokenizer, tmp_path, monkeypatch):
+    from rasa_trainer.cli import detect as command
 
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -491,16 +483,13 @@ def test_detect_experts_script(model, tokenizer, tmp_path, monkeypatch):
             f.write(json.dumps(row) + "\n")
     (tmp_path / "detect.yaml").write_text(
         f"model_name_or_path: {tmp_path / 'model'}\ndataset_name: {tmp_path / 'pairs.jsonl'}\n"
-        f"policy: per_layer_topk\nnum_experts: 1\nmax_new_tokens: {MAX_NEW}\n"
+        f"policy: per_layer_topk\nnum_experts: 1\nmax_new_tokens: {MAX_NEW}\ndtype: float32\n"
     )
-    parser = script.TrlParser((script.DetectionArguments,))
-    (args,) = parser.parse_args_and_config(
-        ["--config", str(tmp_path / "detect.yaml"), "--output_dir", str(tmp_path / "out"), "--no_progress", "True"])
-    assert args.policy == "per_layer_topk" and args.num_experts == 1
-    # the keyword judge finds no refusal in a random model's replies: the script must fail loudly, with counts
+    argv = ["--config", str(tmp_path / "detect.yaml"), "--output_dir", str(tmp_path / "out"), "--no_progress", "True"]
+    # the keyword judge finds no refusal in a random model's replies: the command must fail loudly, with counts
     with pytest.raises(EmptySelectionError, match="no pair survived"):
-        script.main(args)
-    monkeypatch.setattr(script, "judge_from_name", lambda name, **kw: MarkerJudge())
-    result = script.main(args)
+        command.main(argv)
+    monkeypatch.setattr(command, "build_judge", lambda name, labels=None: MarkerJudge())
+    result = command.main(argv)
     assert len(result) == 2 and sorted(result.by_moe_layer()) == [0, 1]
     assert SafetyCriticalExperts.load(tmp_path / "out") == result

@@ -1,6 +1,6 @@
 """RASATrainer: a drop-in replacement for TRL's SFTTrainer that runs Routing-Aware Safety Alignment.
 
-Epochs alternate between two phases (see ``METHOD.md``):
+Epochs alternate between two phases (see ``docs/method.md``):
 
 - **expert phase**: only the Safety-Critical Experts' repairs learn (full-rank deltas or LoRA), with the routing each
   example received at the start of the phase replayed, on the completion-only cross-entropy;
@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .config import RASAConfig
-from .data import as_messages, completion_text, validate_pairs
+from .data import render_chat, as_messages, completion_text, validate_pairs
 from .model_card import render_model_card
 from .moe import moe_layers, unwrap_model
 from .repairs import attach_repairs, upcast_routers
@@ -176,7 +176,7 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
 
     def __init__(self, model, args: RASAConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, *, safety_critical_experts=None, peft_config=None,
-                 **kwargs):
+                 retain_dataset=None, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = RASAConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1] or 'model'}-RASA")
@@ -200,6 +200,8 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         validate_pairs(train_dataset, anchor_column=args.anchor_column)
         if eval_dataset is not None:
             validate_pairs(eval_dataset, anchor_column=args.anchor_column)
+        self._retain = _validated_retain(retain_dataset, args)  # checked before any work
+        self._retain_examples: list[dict] | None = None  # tokenised at the start of train()
         self._pairs = train_dataset
         self._phase: str | None = None
         self._phase_epoch: int | None = None
@@ -220,6 +222,8 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
                 processing_class=processing_class, peft_config=peft_config, **kwargs,
             )
         self.data_collator = _PairCollator(self.data_collator, self._tokenizer.pad_token_id)
+        if self._retain is not None:
+            self._check_retain_lengths()
         if args.rasa_schedule != "full":
             self._disable_aux_loss()
         self.selection = self._resolve_selection(safety_critical_experts)
@@ -401,6 +405,7 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         # True becomes the newest complete checkpoint; an incomplete or foreign one is refused before any work
         resume_from_checkpoint = self._resolve_resume_checkpoint(resume_from_checkpoint)
         self._ensure_selection(resume_from_checkpoint)
+        self._prepare_retain()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
@@ -542,10 +547,12 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             else:
                 # the weights are only replayed in "cached" mode; "recompute" takes them from the live routers
                 self._routing_cache = self._record_routing(
-                    f"routing of epoch {epoch}", keep_weights=self.args.replay_weights == "cached")
+                    f"routing of epoch {epoch}", keep_weights=self.args.replay_weights == "cached", retain=True)
             self._check_selected_experts_reached(self._routing_cache)
-            # all real tokens of the training set, now vs at the start of the run (logged once per expert phase)
-            shift = assignment_shift(self._routing_cache.indices, self._initial_routing.indices)
+            # all real tokens of the training pairs (the cache's first rows; retain rows follow), now vs at the start
+            # of the run (logged once per expert phase)
+            pair_tokens = self._initial_routing.indices.shape[0]
+            shift = assignment_shift(self._routing_cache.indices[:pair_tokens], self._initial_routing.indices)
             self._metrics["train"]["routing_shift_phase_start"] = [float(shift)]
         logger.info("RASA: epoch %d runs the %s phase", epoch, phase)
 
@@ -573,25 +580,30 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
                 len(unreached), len(counts), shown,
             )
 
-    def _record_routing(self, what: str, keep_weights: bool) -> RoutingCache:
-        """The routing of every training example under the current model (eval mode, no gradients)."""
+    def _record_routing(self, what: str, keep_weights: bool, retain: bool = False) -> RoutingCache:
+        """The routing of every training example under the current model (eval mode, no gradients); with ``retain``
+        the retain rows follow the pairs (cache row ``len(train_dataset) + i`` is retain row ``i``)."""
         model, was_training = self.model, self.model.training
         model.eval()
         try:
-            batches = self._ordered_batches()
+            batches = self._ordered_batches(retain)
             cache = RoutingCache.record(model, batches, device=self.args.replay_cache_device, keep_weights=keep_weights)
         finally:
             model.train(was_training)
         logger.info("RASA: recorded %s for %d examples (%d B per token)", what, cache.num_examples, cache.nbytes_per_token())
         return cache
 
-    def _ordered_batches(self):
+    def _ordered_batches(self, retain: bool = False):
         dataset = self.train_dataset
         size = max(1, self.args.per_device_train_batch_size)
         base = self.data_collator.base
         for start in range(0, len(dataset), size):
             rows = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
             batch = base([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+            yield {k: v.to(self.args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        examples = self._retain_examples if retain else None
+        for start in range(0, len(examples or []), size):
+            batch = base([dict(r) for r in examples[start:start + size]])
             yield {k: v.to(self.args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def _positions(self, rows: torch.Tensor) -> torch.Tensor:
@@ -636,6 +648,7 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         anchor_mask = inputs.pop("anchor_attention_mask", None)
         rows = inputs.pop("rasa_index", None)
         context = inputs.pop("rasa_context_mask", None)
+        retain = inputs.pop("rasa_retain_index", None)
         if not model.training or self._phase is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # the phase of the last step of a logging window (a list of one value, which Trainer's averaging keeps as is)
@@ -645,10 +658,28 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
                 context = (inputs["labels"] == -100) & inputs["attention_mask"].bool()
             return self._router_loss(model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch, context=context)
         # the expert phase's routing replay is active around the whole training step (see training_step)
+        if retain is not None and rows is not None:
+            # retain rows follow the pairs in the batch: the loss is SFT's over all completion tokens, logged per part
+            with _captured_outputs(model) as captured:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._log_split_losses(captured, num_pairs=len(rows))
+            return loss
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         value = loss[0] if isinstance(loss, tuple) else loss
         self._metrics["train"]["completion_loss"].append(value.detach().item())
         return loss
+
+    def _log_split_losses(self, captured: list, num_pairs: int) -> None:
+        """``completion_loss`` (the pairs) and ``retain_loss`` (the retain rows): the mean cross-entropy over each
+        part's completion tokens in this micro-batch."""
+        if not captured or getattr(captured[0], "log_probs", None) is None:
+            return  # a forward that gives no per-token log-probabilities (e.g. a custom compute_loss_func)
+        out = captured[0]
+        log_probs, mask = out.log_probs.detach(), out.label_mask.detach()
+        for key, part in (("completion_loss", slice(0, num_pairs)), ("retain_loss", slice(num_pairs, None))):
+            tokens = mask[part].sum()
+            if tokens > 0:
+                self._metrics["train"][key].append(float(-(log_probs[part] * mask[part]).sum() / tokens))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._phase != "expert":
@@ -656,6 +687,8 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         # Replay stays active through backward: gradient checkpointing recomputes the layers there, and the recompute
         # must see the replayed routing too.
         positions = self._positions(inputs["rasa_index"])
+        if "rasa_retain_index" in inputs:  # retain rows follow the pairs, in the batch and in the routing cache
+            positions = torch.cat([positions, len(self.train_dataset) + inputs["rasa_retain_index"].cpu()])
         routing = self._routing_cache.batch_routing(positions, inputs["attention_mask"])
         with replay_routing(model, routing, weights=self.args.replay_weights):
             return super().training_step(model, inputs, num_items_in_batch)
@@ -726,7 +759,85 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             if self.accelerator.num_processes > 1:
                 pairs = self.accelerator.gather(pairs.reshape(1)).sum()
             self._pairs_in_step = int(pairs)
+        if self._phase == "expert" and self._retain_examples:
+            batch_samples = [self._with_retain_rows(batch, j) for j, batch in enumerate(batch_samples)]
+            num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         return batch_samples, num_items_in_batch
+
+    def _with_retain_rows(self, batch: dict, micro_step: int) -> dict:
+        """The expert-phase micro-batch with its retain rows appended. They follow from the seed and the position of
+        the micro-batch in the run's expert-phase pair stream (expert epochs so far, step in the epoch, micro-batch
+        of the accumulation, process), so a resumed run sees the same rows as an uninterrupted one."""
+        from .retain import append_rows, retain_slots
+
+        args = self.args
+        steps_per_epoch = max(1, self.state.max_steps // max(1, int(args.num_train_epochs)))
+        expert_epochs_before = sum(self.phase_of_epoch(e) == "expert" for e in range(self._phase_epoch))
+        step_in_epoch = self.state.global_step - self._phase_epoch * steps_per_epoch
+        micro = (expert_epochs_before * steps_per_epoch + step_in_epoch) * args.gradient_accumulation_steps + micro_step
+        micro = micro * self.accelerator.num_processes + self.accelerator.process_index
+        num_pairs = int(batch["input_ids"].shape[0])
+        rows = retain_slots(micro * args.per_device_train_batch_size, num_pairs, args.retain_ratio,
+                            len(self._retain_examples), args.seed)
+        if not rows:
+            return batch
+        extra = self.data_collator.base([dict(self._retain_examples[i]) for i in rows])
+        return append_rows(batch, extra, rows, self._tokenizer.pad_token_id)
+
+    # ---------------------------------------------------------------------------------------------------- retain
+    def _check_retain_lengths(self) -> None:
+        """Refuse retain rows whose completion (or, without one, whose prompt) would be cut by truncation."""
+        if self.args.max_length is None:
+            return
+        too_long = []
+        for i, row in enumerate(self._retain):
+            messages = as_messages(row["prompt"])
+            if row["completion"] is not None:
+                n = len(_chat_ids(self._tokenizer, messages + [{"role": "assistant", "content": completion_text(
+                    row["completion"], None)}], generation_prompt=False))
+            else:
+                n = len(_chat_ids(self._tokenizer, messages, generation_prompt=True)) + 1
+            if n > self.args.max_length:
+                too_long.append(f"row {i} ({n} tokens)")
+        if too_long:
+            raise ValueError(
+                f"{len(too_long)} row(s) of retain_dataset exceed max_length={self.args.max_length} with their "
+                f"completion (or leave no room for a generated one), so truncation would cut the reply to keep: "
+                f"{', '.join(too_long[:5])}. Raise max_length or shorten those rows."
+            )
+
+    def _prepare_retain(self) -> None:
+        """Generate the missing retain completions with the model as it is before training (greedy, batched, once)
+        and tokenise the retain rows as TRL tokenises the pairs."""
+        if self._retain is None or self._retain_examples is not None:
+            return
+        from .retain import generate_completions
+
+        rows = self._retain
+        missing = [i for i, row in enumerate(rows) if row["completion"] is None]
+        texts = {i: completion_text(row["completion"], None) for i, row in enumerate(rows) if row["completion"] is not None}
+        if missing:
+            if self.place_model_on_device and not getattr(self, "is_model_parallel", False):
+                self._move_model_to_device(self.model, self.args.device)
+            logger.info("RASA: generating the base model's replies to %d retain prompts", len(missing))
+            replies = generate_completions(
+                unwrap_model(self.model), self._tokenizer, [as_messages(rows[i]["prompt"]) for i in missing],
+                batch_size=self.args.retain_batch_size, max_new_tokens=self.args.retain_max_new_tokens)
+            empty = [i for i, reply in zip(missing, replies) if not reply.strip()]
+            if empty:
+                raise ValueError(
+                    f"the base model's reply to {len(empty)} retain prompt(s) is empty (rows {empty[:10]}), so there "
+                    f"is nothing to retain; give those rows a completion or drop them")
+            texts.update(zip(missing, replies))
+        dataset = Dataset.from_list([
+            {"prompt": as_messages(row["prompt"]), "completion": [{"role": "assistant", "content": texts[i]}]}
+            for i, row in enumerate(rows)
+        ])
+        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, False, None, "retain")
+        if len(prepared) != len(rows):
+            raise ValueError(f"{len(rows) - len(prepared)} retain row(s) have no completion token left after "
+                             f"tokenisation; check their completions and max_length")
+        self._retain_examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
 
     def _kl_term(self, p_anchor: torch.Tensor, p_adv: torch.Tensor) -> torch.Tensor:
         direction = self.args.kl_direction
@@ -748,6 +859,34 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             dataset_name=dataset_name, tags=tags, evaluation_results=evaluation_results or getattr(self, "evaluation_results", None),
         )
         atomic_write(os.path.join(output_dir, "README.md"), text)
+
+
+def _validated_retain(retain_dataset, args: RASAConfig) -> list[dict] | None:
+    """The retain rows, checked (errors name row and column), or None when no retain data is used."""
+    if retain_dataset is None:
+        return None
+    from .retain import retain_rows
+
+    rows = retain_rows(retain_dataset)
+    if args.retain_ratio == 0:
+        logger.warning("RASA: retain_dataset is ignored with retain_ratio=0")
+        return None
+    if args.rasa_schedule not in ("alternate", "expert_only"):
+        logger.warning("RASA: retain_dataset is ignored with rasa_schedule=%r (retain rows join expert-phase batches "
+                       "only)", args.rasa_schedule)
+        return None
+    return rows
+
+
+@contextlib.contextmanager
+def _captured_outputs(model):
+    """The outputs of the (unwrapped) model's forward calls inside the block."""
+    captured: list = []
+    handle = unwrap_model(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def _reject_peft_model(model, args: RASAConfig) -> None:
@@ -806,8 +945,5 @@ def _repairs_count_as_adapters(model, args: RASAConfig):
 
 
 def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool, chat_template: str | None = None) -> list[int]:
-    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, **kwargs)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    return render_chat(tokenizer, messages, add_generation_prompt=generation_prompt, tokenize=True,
+                       chat_template=chat_template)

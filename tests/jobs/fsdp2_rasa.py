@@ -1,0 +1,253 @@
+"""RASA's pieces under torch FSDP2 (``fully_shard``) on CPU with gloo, against the same steps without FSDP.
+
+Run by tests/test_fsdp2.py with ``torchrun --nproc_per_node 2 tests/jobs/fsdp2_rasa.py OUT_DIR [delta|lora]``.
+
+The Trainer cannot run FSDP on the CPU (accelerate falls back to DDP there), so this job drives the pieces the
+Trainer uses directly, in the order it uses them:
+
+1. a tiny Qwen3-MoE in bf16; repairs attached (``attach_repairs``) and routers upcast to fp32 master weights
+   (``upcast_routers``) *before* sharding, so every decoder layer is one FSDP2 unit holding bf16 weights, fp32
+   routers and fp32 repairs side by side;
+2. ``fully_shard`` per decoder layer, then the root (``reshard_after_forward=True``: parameters are freed after each
+   layer's forward and all-gathered again in backward);
+3. routing recorded under FSDP (``record_routing``: hooks on the routers) and checked against the routing recorded
+   on the unsharded model;
+4. one expert-phase step: routing replayed (``replay_routing``, active through backward, where FSDP re-gathers the
+   layers), completion cross-entropy, AdamW on the repairs only;
+5. one router-phase step: the router KL(anchor || adversarial) of token-mean router probabilities (as
+   ``RASATrainer._router_loss`` computes it, pooled), AdamW on the routers only;
+6. the merged save: the full state dict gathered with ``get_model_state_dict(full_state_dict=True,
+   cpu_offload=True)`` and merged by ``rasa_trainer.repairs.merged_state_dict``; rank 0 writes it with
+   ``save_pretrained`` and reloads it with ``AutoModelForCausalLM.from_pretrained``.
+
+The reference runs the same two steps on the unsharded model in one process, over both ranks' micro-batches, with
+the loss averaged over the two halves as FSDP averages the ranks' gradients. Rank 0 writes
+``fsdp2_report_<mode>.json``.
+
+The router-phase loss is read off the routers (hooks inside each decoder layer), not off the layers' outputs, while
+FSDP2 re-gathers a resharded unit in backward only when a gradient reaches that unit's *output*: the last decoder
+layer's output gets none (the loss ignores the logits), so its router's backward finds the resharded (freed) weight
+storage and fails (``setStorage: ... out of bounds for storage of size 0``). ``CONNECT_OUTPUT=1`` (the default) adds
+``0 * logits.sum()`` (one position: ``logits_to_keep=1``) to the router loss, which routes a zero gradient through
+every unit's output so FSDP2 re-gathers each one first; ``CONNECT_OUTPUT=0`` shows the failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+from conftest import tiny_model  # noqa: E402
+
+from rasa_trainer.moe import moe_layers  # noqa: E402
+from rasa_trainer.repairs import attach_repairs, merged_state_dict, repair_modules, upcast_routers  # noqa: E402
+from rasa_trainer.routing import record_routing, replay_routing  # noqa: E402
+from rasa_trainer.trainer import _kl, _masked_mean  # noqa: E402
+
+SELECTION = {0: [1, 3, 5], 1: [0, 2, 6]}
+LR = 1e-2
+CONNECT_OUTPUT = os.environ.get("CONNECT_OUTPUT", "1") == "1"
+
+
+def build(mode: str):
+    model = tiny_model("qwen3_moe", seed=0).to(torch.bfloat16)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    repairs = attach_repairs(model, SELECTION, mode=mode, rank=4, alpha=8.0)
+    if mode == "lora":
+        # non-zero B so the merged weights move on the first step's gradient of A as well
+        with torch.no_grad():
+            for _, r in repair_modules(model):
+                for name in r.names:
+                    factors = r.factors(name)
+                    if factors is not None:
+                        factors[1].normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    routers = upcast_routers(model)
+    return model, repairs, routers
+
+
+def batches():
+    """Each rank's micro-batch (adversarial prompt + completion, and the anchor prompt), from one seed."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(3, 128, (2, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0  # right padding in the second row
+        labels = ids.masked_fill(mask == 0, -100).clone()
+        labels[:, :6] = -100  # prompt positions carry no loss
+        context = (labels == -100) & mask.bool()
+        anchor = torch.randint(3, 128, (2, 7), generator=g)
+        anchor_mask = torch.ones_like(anchor)
+        anchor_mask[0, -2:] = 0
+        out.append(dict(input_ids=ids, attention_mask=mask, labels=labels, context=context, anchor_ids=anchor,
+                        anchor_mask=anchor_mask))
+    return out
+
+
+def expert_loss(model, batch, routing):
+    with replay_routing(model, routing):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, out
+
+
+def router_loss(model, batch):
+    with torch.no_grad(), record_routing(model, probabilities=True) as anchor_rec:
+        model(input_ids=batch["anchor_ids"], attention_mask=batch["anchor_mask"], logits_to_keep=1)
+    with record_routing(model, probabilities=True, detach=False) as adv_rec:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+    terms = []
+    for p_anchor, p_adv in zip(anchor_rec.routing().probabilities, adv_rec.routing().probabilities):
+        terms.append(_kl(_masked_mean(p_anchor, batch["anchor_mask"].bool()), _masked_mean(p_adv, batch["context"])))
+    loss = torch.stack(terms).mean()
+    if CONNECT_OUTPUT:
+        loss = loss + 0.0 * out.logits.float().sum()
+    return loss
+
+
+def record(model, batch):
+    with torch.no_grad(), record_routing(model, probabilities=False) as rec:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return rec.routing()
+
+
+def train_steps(model, repairs, routers, my_batches, world: int):
+    """The expert step then the router step over ``my_batches`` (this process's micro-batches); returns the losses and
+    the routing recorded before the expert step."""
+    expert_opt = torch.optim.AdamW(repairs, lr=LR, weight_decay=0.0)
+    router_opt = torch.optim.AdamW(routers, lr=LR, weight_decay=0.0)
+    routings = [record(model, b) for b in my_batches]
+    model.train()
+    # expert phase: repairs trainable, routers frozen
+    for p in routers:
+        p.requires_grad_(False)
+    losses = {"expert": [], "router": []}
+    for b, routing in zip(my_batches, routings):
+        loss, _ = expert_loss(model, b, routing)
+        (loss * world / 2).backward()
+        loss = loss.detach()  # FSDP averages over `world` ranks; the reference sums both halves / 2
+        losses["expert"].append(float(loss))
+    expert_opt.step()
+    expert_opt.zero_grad(set_to_none=True)
+    # router phase: routers trainable, repairs frozen
+    for p in repairs:
+        p.requires_grad_(False)
+    for p in routers:
+        p.requires_grad_(True)
+    for b in my_batches:
+        loss = router_loss(model, b)
+        (loss * world / 2).backward()
+        loss = loss.detach()
+        losses["router"].append(float(loss))
+    router_opt.step()
+    router_opt.zero_grad(set_to_none=True)
+    model.eval()
+    return losses, routings
+
+
+def reference(mode: str):
+    model, repairs, routers = build(mode)
+    losses, routings = train_steps(model, repairs, routers, batches(), world=1)
+    return model, losses, routings
+
+
+def main(out_dir: str, mode: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, "run with --nproc_per_node 2"
+    mesh = init_device_mesh("cpu", (world,))
+
+    model, repairs, routers = build(mode)
+    unit_dtypes = sorted({str(p.dtype) for p in model.model.layers[0].parameters()})
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    assert isinstance(model, FSDPModule)
+    sharded = {n: type(p).__name__ for n, p in model.named_parameters()}
+    # the optimisers get the sharded (DTensor) parameters
+    repair_params = [p for n, p in model.named_parameters() if ".rasa_repairs." in n]
+    router_params = [p for layer in moe_layers(model) for p in layer.router.parameters()]
+
+    my_batches = [batches()[rank]]
+    losses, routings = train_steps(model, repair_params, router_params, my_batches, world=world)
+
+    # the merged save: a collective every rank enters; rank 0 writes
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    report = None
+    if rank == 0:
+        merged = merged_state_dict(model, full)
+        ref_model, ref_losses, ref_routings = reference(mode)
+        ref_merged = merged_state_dict(ref_model)
+    gathered_losses = [None] * world
+    dist.all_gather_object(gathered_losses, losses)
+    gathered_routing = [None] * world
+    dist.all_gather_object(gathered_routing, [[t.tolist() for t in r.indices] for r in routings])
+    if rank == 0:
+        all_losses = {k: [gathered_losses[r][k][0] for r in range(world)] for k in ("expert", "router")}
+        max_diff, worst = 0.0, None
+        for key, value in ref_merged.items():
+            diff = (merged[key].float() - value.float()).abs().max().item()
+            if diff > max_diff:
+                max_diff, worst = diff, key
+        moved = max((ref_merged[k].float() - v.float()).abs().max().item()
+                    for k, v in tiny_model("qwen3_moe", seed=0).to(torch.bfloat16).state_dict().items() if k in ref_merged)
+        save_dir = os.path.join(out_dir, "merged")
+        plain = tiny_model("qwen3_moe", seed=0).to(torch.bfloat16)
+        plain.save_pretrained(save_dir, state_dict=merged)
+        reloaded = AutoModelForCausalLM.from_pretrained(save_dir, dtype="auto")
+        check = batches()[0]
+        with torch.no_grad():
+            got = reloaded(input_ids=check["input_ids"], attention_mask=check["attention_mask"]).logits.float()
+            ref_model.eval()
+            from rasa_trainer.repairs import unload_repairs
+
+            unload_repairs(ref_model)  # routers back to bf16, as from_pretrained loads them
+            want = ref_model(input_ids=check["input_ids"], attention_mask=check["attention_mask"]).logits.float()
+        # the reloaded weights against the reference model with its repairs merged and routers cast back (as
+        # from_pretrained casts the saved fp32 routers to the config's bf16)
+        ref_state, got_state = ref_model.state_dict(), reloaded.state_dict()
+        reload_diff = max((ref_state[k].float() - got_state[k].float()).abs().max().item() for k in ref_state)
+        report = {
+            "world_size": world, "backend": dist.get_backend(), "mode": mode,
+            "unit_dtypes": unit_dtypes,
+            "sharded_types": sorted(set(sharded.values())),
+            "repairs_sharded": all(sharded[n] == "DTensor" for n in sharded if ".rasa_repairs." in n),
+            "routing_equal": [gathered_routing[r][0] == [t.tolist() for t in ref_routings[r].indices] for r in range(world)],
+            "losses_fsdp": all_losses,
+            "losses_reference": {k: ref_losses[k] for k in ("expert", "router")},
+            "merged_keys_equal": sorted(merged) == sorted(ref_merged),
+            "repair_keys_in_merged": sum(".rasa_repairs." in k for k in merged),
+            "merged_max_abs_diff": max_diff, "merged_worst_key": worst,
+            "weights_moved_from_base": moved,
+            "router_dtype_saved": str(merged[f"{moe_layers(plain)[0].router_name}.weight"].dtype),
+            "reload_class": type(reloaded).__name__,
+            "reload_router_dtype": str(moe_layers(reloaded)[0].router.weight.dtype),
+            "reload_keys_equal": sorted(ref_state) == sorted(got_state),
+            "reload_max_abs_weight_diff": reload_diff,
+            # the rotary inverse frequencies are computed in fp32 at load, cast to bf16 in the reference: logits
+            # differ by bf16 rounding only
+            "reload_max_abs_logit_diff": (got - want).abs().max().item(),
+        }
+        with open(os.path.join(out_dir, f"fsdp2_report_{mode}.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "delta")

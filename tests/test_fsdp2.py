@@ -1,0 +1,72 @@
+"""RASA under torch FSDP2 (``fully_shard``) for real: two CPU processes with gloo (tests/jobs/fsdp2_rasa.py).
+
+Per repair mode: bf16 weights, fp32 routers and fp32 repairs in one FSDP2 unit per decoder layer, resharded after
+forward; routing recorded and replayed under resharding; one expert-phase and one router-phase step; the full state
+dict gathered (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and merged by
+``merged_state_dict``; the merged weights equal those of the same steps without FSDP and reload with
+``from_pretrained``. And the one failure FSDP2 has with RASA's router loss, pinned (see the job's docstring).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "tests", "jobs", "fsdp2_rasa.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out_dir, mode: str, connect_output: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT,
+               CONNECT_OUTPUT="1" if connect_output else "0")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           JOB, str(out_dir), mode]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["delta", "lora"])
+def test_fsdp2_two_processes_match_the_unsharded_run(tmp_path, mode):
+    result = _run(tmp_path, mode)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(tmp_path / f"fsdp2_report_{mode}.json") as f:
+        report = json.load(f)
+    assert report["world_size"] == 2 and report["backend"] == "gloo" and report["mode"] == mode
+    # one unit holds the bf16 weights and the fp32 routers and repairs; everything is sharded, repairs included
+    assert report["unit_dtypes"] == ["torch.bfloat16", "torch.float32"]
+    assert report["sharded_types"] == ["DTensor"] and report["repairs_sharded"]
+    # routing recorded under FSDP is the unsharded model's, on each rank's batch
+    assert report["routing_equal"] == [True, True]
+    # both steps compute the reference's losses (the ranks' halves of the reference batch)
+    for phase in ("expert", "router"):
+        assert report["losses_fsdp"][phase] == pytest.approx(report["losses_reference"][phase], abs=1e-6)
+    # the merged save: no repair keys, the same keys and weights as the unsharded run (bf16 weights; fp32 routers
+    # and repairs reduced over 2 ranks), the steps really moved the weights, routers saved in training precision
+    assert report["merged_keys_equal"] and report["repair_keys_in_merged"] == 0
+    assert report["merged_max_abs_diff"] <= 1e-6
+    assert report["weights_moved_from_base"] > 1e-3
+    assert report["router_dtype_saved"] == "torch.float32"
+    # the saved checkpoint reloads as a plain transformers model with the merged weights
+    assert report["reload_class"] == "Qwen3MoeForCausalLM" and report["reload_keys_equal"]
+    assert report["reload_max_abs_weight_diff"] == 0.0
+    assert report["reload_max_abs_logit_diff"] < 0.05
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_router_loss_off_the_routers_alone_fails_in_backward(tmp_path):
+    """The router loss reads the routers (hooks inside the units) and ignores the logits, so no gradient reaches the
+    last decoder layer's output and FSDP2 never re-gathers it before its router's backward. RASATrainer's router
+    phase computes exactly such a loss; under FSDP2 it needs the zero-gradient connection the job adds."""
+    result = _run(tmp_path, "delta", connect_output=False)
+    assert result.returncode != 0
+    assert "out of bounds for storage of size 0" in result.stderr

@@ -1,45 +1,38 @@
 """rasa-trainer: Routing-Aware Safety Alignment (RASA, arXiv 2602.04448) for Mixture-of-Experts models.
 
-Public API (everything else is private):
+The top level holds what a TRL user needs (pinned by ``tests/test_public_api.py``):
 
 - training: :class:`RASATrainer` (a drop-in ``trl.SFTTrainer``), :class:`RASAConfig`
 - detection: :func:`detect_safety_critical_experts`, :class:`SafetyCriticalExperts`
-- evaluation: :func:`evaluate_safety` (returns a :class:`SafetyReport`)
-- discovery and routing: :func:`moe_layers`, :func:`record_routing`, :func:`replay_routing`
-- judges: :class:`RefusalKeywordJudge`, :class:`ClassifierJudge`, :class:`GuardModelJudge`
-- planning: :func:`estimate_memory`
+- evaluation: :func:`evaluate_safety` (returns a :class:`SafetyReport`), :func:`load_eval_sets`
+- data: :func:`pairs_from_columns`, :func:`pairs_from_templates`
+
+Documented submodules, each with its own ``__all__``: ``rasa_trainer.moe`` and ``rasa_trainer.routing`` (discovery,
+routing capture and replay), ``rasa_trainer.repairs`` (the repair lifecycle), ``rasa_trainer.adapter`` (PEFT
+adapters), ``rasa_trainer.judges``, ``rasa_trainer.steering``, ``rasa_trainer.memory`` (memory plan),
+``rasa_trainer.pairs``, ``rasa_trainer.eval_sets``, ``rasa_trainer.selection``, ``rasa_trainer.data``,
+``rasa_trainer.utils`` (atomic writes). Everything
+else is private. See ``docs/architecture.md``.
 """
 
 __version__ = "0.1.0"
 
 from .config import RASAConfig
 from .detection import detect_safety_critical_experts
+from .eval_sets import load_eval_sets
 from .evaluation import SafetyReport, evaluate_safety
-from .judges import ClassifierJudge, GuardModelJudge, Judge, JudgeError, RefusalKeywordJudge
-from .memory import MemoryEstimate, estimate_memory
-from .moe import MoELayer, moe_layers
-from .routing import Routing, real_tokens, record_routing, replay_routing
+from .pairs import pairs_from_columns, pairs_from_templates
 from .selection import SafetyCriticalExperts
 from .trainer import RASATrainer
 
 __all__ = [
-    "ClassifierJudge",
-    "GuardModelJudge",
-    "Judge",
-    "JudgeError",
-    "MemoryEstimate",
-    "MoELayer",
     "RASAConfig",
     "RASATrainer",
-    "RefusalKeywordJudge",
-    "Routing",
     "SafetyCriticalExperts",
     "SafetyReport",
-    "evaluate_safety",
     "detect_safety_critical_experts",
-    "estimate_memory",
-    "moe_layers",
-    "real_tokens",
-    "record_routing",
-    "replay_routing",
+    "evaluate_safety",
+    "load_eval_sets",
+    "pairs_from_columns",
+    "pairs_from_templates",
 ]

@@ -28,6 +28,8 @@ from .moe import MoELayer, _full_shape, moe_layers, unwrap_model
 from .repairs import ExpertRepairs, attach_repairs, repair_modules, upcast_routers
 from .utils import atomic_save_safetensors, atomic_write_json
 
+__all__ = ["load_rasa_adapter", "save_peft_adapter"]
+
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+__all__ = ["MoELayer", "ScoringRule", "SUPPORTED_FAMILIES", "moe_layers", "unwrap_model"]
+
 # Model types tests/test_families.py builds on tiny configs and puts through discovery, record, replay, an expert
 # step and a router step (the README's table lists them with the families that are refused and why). The
 # long-established families come first; any other family whose routers follow the same convention works too.

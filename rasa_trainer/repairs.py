@@ -37,6 +37,11 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 
 from .moe import MoELayer, _full_shape, moe_layers, unwrap_model
 
+__all__ = [
+    "ExpertRepairs", "attach_repairs", "disable_repairs", "merge_repairs", "merged_state_dict", "repair_modules",
+    "restore_routers", "unload_repairs", "unmerge_repairs", "upcast_routers",
+]
+
 EXPERTS_IMPLEMENTATION = "rasa_repairs"
 REPAIR_MODES = ("delta", "lora")
 # base kernels whose per-token reduction is a sum over slots (fp32 accumulation); "eager" adds experts in order

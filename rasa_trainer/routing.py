@@ -19,6 +19,8 @@ from torch import nn
 
 from .moe import MoELayer, moe_layers
 
+__all__ = ["Routing", "RoutingRecorder", "real_tokens", "record_routing", "replay_routing"]
+
 REPLAY_WEIGHT_MODES = ("cached", "recompute")
 
 

@@ -32,6 +32,10 @@ from .moe import moe_layers, unwrap_model
 from .utils import atomic_write
 from .statistics import ExpertStatistics, top_ranked
 
+__all__ = [
+    "EmptySelectionError", "POLICIES", "SafetyCriticalExperts", "SelectedExpert", "SelectionConfig", "select_experts",
+]
+
 POLICIES = ("global_topk", "per_layer_topk", "batch_union", "per_layer_top_p", "random")
 SCHEMA_VERSION = 1
 JSON_NAME = "safety_critical_experts.json"

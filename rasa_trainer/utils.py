@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+__all__ = ["atomic_save_safetensors", "atomic_write", "atomic_write_json"]
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, then ``os.replace``, so

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_chat_tokenizer, tiny_model, word_text
-from rasa_trainer import moe_layers
+from rasa_trainer.moe import moe_layers
 from rasa_trainer.data import DatasetContractError, as_messages
 from rasa_trainer.detection import PairCounts, detect_safety_critical_experts, pair_outcome
 from rasa_trainer.generation import generate_replies

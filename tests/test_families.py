@@ -29,7 +29,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from rasa_trainer import moe_layers, record_routing, replay_routing
+from rasa_trainer.moe import moe_layers
+from rasa_trainer.routing import record_routing, replay_routing
 from rasa_trainer.moe import ELEMENTWISE_SCORES, SUPPORTED_FAMILIES, clear_rule_cache
 from rasa_trainer.repairs import attach_repairs, merge_repairs
 from rasa_trainer.routing import Routing

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_chat_tokenizer, tiny_model, word_text
-from rasa_trainer import moe_layers, record_routing
+from rasa_trainer.moe import moe_layers
+from rasa_trainer.routing import record_routing
 from rasa_trainer.generation import generate_batch, generate_replies, render_chat
 
 

@@ -12,7 +12,8 @@ from trl import SFTConfig, SFTTrainer
 
 from conftest import tiny_model
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs
-from rasa_trainer import RASAConfig, RASATrainer, record_routing
+from rasa_trainer import RASAConfig, RASATrainer
+from rasa_trainer.routing import record_routing
 from rasa_trainer.moe import moe_layers
 from rasa_trainer.routing import real_tokens
 from rasa_trainer.selection import SafetyCriticalExperts, SelectedExpert

@@ -69,6 +69,8 @@ import torch
 
 from .moe import moe_layers, unwrap_model
 
+__all__ = ["MemoryEstimate", "PhaseMemory", "estimate_memory", "estimate_memory_from_config"]
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw_8bit")
 EXPERT_TUNINGS = ("delta", "lora")

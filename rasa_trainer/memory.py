@@ -594,7 +594,7 @@ def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: i
         sel, unsel = k * share, k * (1 - share)
         index = 32 * k  # int64 slot / sort indices per assignment
         router = 4 * E + 12 * k + 4 + b * k  # fp32 scores, top-k indices and weights; the weights the outputs are scaled by
-        per_token = router + index
+        per_token = router + index if input_grad else 0.0
         fixed = 0.0
         work = b * k * H  # one per-slot buffer [N * k, H] (the gradient of the per-slot outputs)
         trains_repairs = phase == "expert" and repaired
@@ -622,8 +622,10 @@ def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: i
             per_token += sel * b * act if input_grad else 0
             fixed += S_l * per_expert * b if input_grad else 0
         if phase == "router":
-            # the per-slot expert outputs multiplied by differentiable weights, the fp32 router input, fp32 logits
-            per_token += b * k * H + 4 * H + 4 * E
+            # the per-slot expert outputs multiplied by differentiable weights, the router's input (fp32 master weights
+            # take an fp32 input; under autocast the linear casts it back to 16 bits), its scores
+            per_token += b * k * H + (b if mixed_precision else 4) * H + 4 * E
+            per_token += 0 if input_grad else router
         if trains_repairs and not lora:
             work_fixed = S_l * per_expert * (b + 4)  # gradient of the effective slices, and its fp32 cast
         else:

@@ -5,6 +5,8 @@ forward; routing recorded and replayed under resharding; one expert-phase and on
 dict gathered (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and merged by
 ``merged_state_dict``; the merged weights equal those of the same steps without FSDP and reload with
 ``from_pretrained``. And the one failure FSDP2 has with RASA's router loss, pinned (see the job's docstring).
+ZeRO-3 runs the same job where DeepSpeed is installed (it is not a dependency); it does not pass yet (see its
+marker).
 """
 
 import json
@@ -25,12 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out_dir, mode: str, connect_output: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT,
-               CONNECT_OUTPUT="1" if connect_output else "0")
+def _run(out_dir, mode: str, connect_output: bool = True, engine: str = "fsdp2") -> subprocess.CompletedProcess:
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path,
+               CONNECT_OUTPUT="1" if connect_output else "0", DS_ACCELERATOR="cpu")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           JOB, str(out_dir), mode]
+           JOB, str(out_dir), mode, engine]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -70,3 +73,27 @@ def test_fsdp2_router_loss_off_the_routers_alone_fails_in_backward(tmp_path):
     result = _run(tmp_path, "delta", connect_output=False)
     assert result.returncode != 0
     assert "out of bounds for storage of size 0" in result.stderr
+
+
+def _deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not _deepspeed_installed(), reason="DeepSpeed is not installed (not a dependency)")
+@pytest.mark.xfail(strict=True, reason=(
+    "ZeRO-3 does not run RASA yet (DeepSpeed 0.19.8, CPU accelerator, gloo): rasa_trainer.moe._experts_of tests "
+    "fused.dim() == 3, but ZeRO-3 partitions parameters to shape [0] (it should read _full_shape / ds_shape), so "
+    "record_routing finds no experts; with that patched the expert step runs, and the router step fails in "
+    "backward on the released router weight (DeepSpeed's ZeRO-3 linear; cf. deepspeedai/DeepSpeed#8379)"))
+def test_zero3_two_processes_match_the_unsharded_run(tmp_path):
+    result = _run(tmp_path, "delta", engine="zero3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(tmp_path / "zero3_report_delta.json") as f:
+        report = json.load(f)
+    assert report["routing_equal"] == [True, True]
+    for phase in ("expert", "router"):
+        assert report["losses_fsdp"][phase] == pytest.approx(report["losses_reference"][phase], abs=1e-6)
+    assert report["merged_keys_equal"] and report["merged_max_abs_diff"] <= 1e-6

@@ -135,13 +135,21 @@ def _plain(value):
     return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
 
 
-def run_fingerprint(args, pairs, selection) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the checkpoint."""
+def run_fingerprint(args, pairs, selection, retain: list[dict] | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint (``retain``: the retain rows as given,
+    when the run uses them)."""
     from . import __version__
 
     rows = pairs if isinstance(pairs, list) else pairs.to_list()
     data = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-    return {
+    extra = {}
+    if retain is not None:
+        from .retain import retain_sha256
+
+        extra["retain"] = {"sha256": retain_sha256(retain), "num_rows": len(retain),
+                           "ratio": _plain(getattr(args, "retain_ratio", None)),
+                           "max_new_tokens": _plain(getattr(args, "retain_max_new_tokens", None))}
+    return {**extra,
         "args": {name: _plain(getattr(args, name, None)) for name in FINGERPRINT_ARGS},
         "dataset_sha256": data,
         "num_pairs": len(rows),
@@ -159,6 +167,13 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     if saved.get("dataset_sha256") != current["dataset_sha256"]:
         diffs.append(f"training data: checkpoint {saved.get('num_pairs')} pairs, now {current['num_pairs']} pairs, "
                      f"different content")
+    if saved.get("retain") != current.get("retain"):
+        def described(value):
+            return "none" if value is None else f"{value['num_rows']} rows at retain_ratio={value['ratio']}"
+
+        diffs.append(f"retain data: checkpoint {described(saved.get('retain'))}, now "
+                     f"{described(current.get('retain'))}" + (", different content" if saved.get("retain") and
+                     current.get("retain") and saved["retain"]["sha256"] != current["retain"]["sha256"] else ""))
     for key in ("selection", "rasa_trainer_version"):
         if saved.get(key) != current[key]:
             diffs.append(f"{key}: checkpoint {saved.get(key)}, now {current[key]}")
@@ -297,7 +312,8 @@ class CheckpointingMixin:
 
     def _run_fingerprint(self) -> dict[str, Any]:
         if self._fingerprint_cache is None:
-            self._fingerprint_cache = run_fingerprint(self.args, self._pairs, self.selection)
+            self._fingerprint_cache = run_fingerprint(self.args, self._pairs, self.selection,
+                                                      retain=getattr(self, "_retain", None))
         return self._fingerprint_cache
 
     # ------------------------------------------------------------------------------------------ resuming

@@ -72,6 +72,13 @@ class TrainScriptArguments:
                           "rasa_trainer.evaluate_safety) or 'safety_world'. Default: SafetyWorld's with SafetyWorld "
                           "data, none otherwise."},
     )
+    retain_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Retain data mixed into expert-phase batches (at --retain_ratio): a .json/.jsonl/.csv/.parquet "
+                          "file or dataset folder of `prompt` rows with an optional `completion` (rows without one get "
+                          "the base model's greedy reply), or 'safety_world' for the world's retain_pairs() (benign rows "
+                          "disjoint from its evaluation items). Default: none."},
+    )
     safety_critical_experts: str | None = field(
         default=None,
         metadata={"help": "A saved selection (safety_critical_experts.json from `rasa-trainer detect`). Default: the "
@@ -102,6 +109,7 @@ class Inputs:
     detection_judge: str
     selection: Any
     resume: str | None
+    retain: Any = None
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -158,7 +166,30 @@ def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArgu
     pairs = _pairs(script_args, args)
     world_data = script_args.dataset_name in (None, SAFETY_WORLD)
     detection_judge = script_args.judge or (SAFETY_WORLD if world_data else "keyword")
-    return Inputs(pairs, _suite(script_args, world_data), detection_judge, selection, resume)
+    return Inputs(pairs, _suite(script_args, world_data), detection_judge, selection, resume,
+                  _retain(script_args, args))
+
+
+def _retain(script_args: TrainScriptArguments, args):
+    """The retain rows of ``--retain_dataset``, checked (errors name the file, row and column), or None."""
+    name = script_args.retain_dataset
+    if name is None or str(name).strip().lower() in FALSE_WORDS:
+        return None
+    if name == SAFETY_WORLD:
+        from ..safety_world import make_world
+
+        rows = make_world(seed=script_args.world_seed).retain_pairs()
+    else:
+        from .common import _read_dataset
+
+        rows = _read_dataset(name, "train", None, "--retain_dataset")
+    from ..retain import retain_rows
+
+    try:
+        retain_rows(rows)
+    except ValueError as err:
+        raise UsageError(f"--retain_dataset {name}: {err}") from err
+    return rows
 
 
 def _selection(script_args: TrainScriptArguments, args, resume: str | None):
@@ -296,7 +327,7 @@ def train(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, a
     if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
         selection = detect(model, tokenizer, inputs.pairs, build_judge(inputs.detection_judge), args, is_main)
     trainer = RASATrainer(model, args=args, train_dataset=inputs.pairs, processing_class=tokenizer,
-                          safety_critical_experts=selection)
+                          safety_critical_experts=selection, retain_dataset=inputs.retain)
     trainer.train(resume_from_checkpoint=inputs.resume)
     return trainer
 

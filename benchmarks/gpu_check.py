@@ -435,8 +435,8 @@ ROWS = [
     ("router", lambda c: trainer_row(c, "router"), 25),
     ("full_sft", lambda c: trainer_row(c, "full"), 30),
     ("peft_lora", lambda c: trainer_row(c, "peft"), 25),
-    ("qwen3_30b", qwen_row, 60),
     ("detection", detection_rows, 45),
+    ("qwen3_30b", qwen_row, 60),
 ]
 TINY_NEEDS = 3  # seconds a tiny row needs at least
 

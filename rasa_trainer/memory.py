@@ -27,34 +27,55 @@ with :func:`rasa_trainer.moe.moe_layers`. Everything else follows from how :clas
   transient term for the peak inside backward.
 
 Activation formulas (bytes per token of the micro-batch, ``T = batch_size * seq_len``; ``b`` = bytes of ``dtype``;
-``H`` hidden size; ``Q`` = heads x head_dim; ``KV`` = key-value heads x head_dim; ``k`` top-k; ``I`` expert
-intermediate size; ``E`` experts; ``n`` = sequence length (the attention mask); ``S`` selected experts, ``E_tot``
-all routed experts, ``P_e`` parameters of one expert). They were read off the tensors autograd saves in the
-transformers 5 implementations (SDPA attention, the fused ``grouped_mm`` experts kernel, RMSNorm) and checked against
-measured training runs (``benchmarks/bench_memory.py``):
+``f`` = bytes of the LoRA products: 4 (fp32 factors) without autocast, ``b`` under it; ``H`` hidden size; ``Q`` /
+``K`` / ``Vd`` = query / key / value widths; ``k`` top-k; ``I`` expert intermediate size; ``act`` = ``3I`` for gated
+experts (gate and up halves, activation), ``I`` otherwise; ``E`` experts; ``n`` sequence length; ``r`` LoRA rank;
+``s = S / E_tot`` the selected experts' share of the assignments, ``S_l = s * E`` per layer; ``P_e`` parameters of one
+expert). They were read off the tensors autograd saves in the transformers 5 implementations (SDPA attention, the
+``grouped_mm`` experts kernel, RMSNorms that keep fp32 copies of their inputs) and the repaired forward of
+:mod:`rasa_trainer.repairs`, and are checked layer by layer against the tensors autograd really saves
+(``tests/test_memory.py``) and as totals against measured training runs (``benchmarks/bench_memory.py``):
 
-- full fine-tuning (every weight trainable), per decoder layer:
-  ``b*(8H + 4Q + 2KV + k*(2H + 4I)) + 8E + 4n + 40k`` (dense MLP layers: ``b*(8H + 4Q + 2KV + H + 4I_d)``);
-- a layer whose weights are frozen but whose input needs a gradient (expert and router phases):
-  ``b*(3H + 4Q + KV + 3kI) + 4E + 4n + 24k`` (dense: ``b*(3H + 4Q + KV + 3I_d)``); the first decoder layer saves
-  almost nothing (its input needs no gradient);
-- expert phase extra: the selected experts' own path ``b * k * (S / E_tot) * (2H + 4I)`` per token over all layers,
-  and their effective weights ``S * P_e * b`` once per step;
-- router phase extra, every MoE layer: ``b*k*H`` (expert outputs, multiplied by differentiable weights) ``+ 4H``
-  (the fp32 router input) ``+ 8E`` (fp32 scores and probabilities);
-- LM head (expert phase and full fine-tuning, TRL's chunked log-probabilities): ``b*H`` saved per token; in backward
-  a transient ``min(T, 4096) * 32768 * b`` (one logits tile, whose width is fixed) ``+ 4*T*H`` (the fp32 gradient of
-  the hidden states) ``+ 4*V*H`` for full fine-tuning (the fp32 gradient of the LM head weight); the router phase
-  keeps one position's logits only.
-- gradient checkpointing (one checkpoint per decoder layer): ``b*H`` per layer per token, plus one layer's
-  activations (recomputed in backward) and the LM head.
-- the peak inside backward adds one layer's activations (the gradients flowing through it).
+- a decoder layer whose weights are frozen but whose input needs a gradient (expert and router phases): attention
+  ``8H (two fp32 norm inputs) + 4(Q + K) (q/k norms, where the family has them) + b(2Q + K + Vd) + 4 heads + 4n``;
+  MoE block ``4E + 12k + 4 + bk`` (router scores, top-k, the weights the outputs are scaled by) ``+ 32k`` (int64 slot
+  and sort indices) ``+ k(1 - s) * b * act`` (assignments to unselected experts, through the kernel); dense MLPs
+  ``3b * I_d``. Layers up to the first MoE layer get inputs that need no gradient and save only what their own
+  trainable parameters need.
+- the selected experts' assignments, ``k * s`` per token and MoE layer, in the expert phase: delta
+  ``b(H + act + I)`` (the kernel on the repaired slices keeps its input, gate/up halves, activation, the down
+  projection's input) plus the repaired slices ``S_l * P_e * b`` per layer; LoRA (two skinny products per
+  projection, never ``B @ A``) ``f(H + I) + 2fr + b*act + bH`` (the inputs of ``x Aᵀ`` in the factors' precision, the
+  ``[n, r]`` products, the gate/up halves and activation, the selected rows' outputs) plus, under autocast, the
+  16-bit copies of the factors ``S_l * r(d_in + d_out) * b`` per layer. With the repairs frozen (router phase): LoRA
+  ``b(act + H)``, delta ``b * act`` plus the repaired slices.
+- router phase, every MoE layer: ``bkH`` (the per-slot outputs ``[N*k, H]``, multiplied by differentiable weights)
+  ``+ 4H`` (the fp32 router input; ``bH`` under autocast, whose linear casts it back) ``+ 4E``.
+- full fine-tuning (reference), per decoder layer: ``b*(8H + 4Q + K + Vd + k*(2H + 4I)) + 8E + 4n + 4 heads + 40k``
+  (dense MLP layers: ``+ b*(H + 4I_d)``).
+- LM head (expert phase and full fine-tuning, TRL's fused chunked log-probabilities): ``bH`` saved per token; in
+  backward one ``[min(T, 4096), 32768]`` buffer in the compute dtype (its width is fixed) and the fp32 gradient of
+  the hidden states ``4TH``; without Triton (CPU) the tile's gradient takes about six fp32 temporaries of
+  ``[min(T, 4096), min(V, 32768)]`` more; full fine-tuning adds the fp32 gradient of the LM head weight ``4VH``. The
+  router phase keeps one position's logits only.
+- gradient checkpointing (one checkpoint per decoder layer): ``bH`` per layer per token, plus one layer's saved
+  tensors (recomputed in backward) and the LM head.
+- backward transient: the larger of the LM head's and one layer's working set (its saved tensors again for the
+  gradients flowing through it, one per-slot gradient ``bkH``, the gradient of its output ``bH``; delta: the gradient
+  of the repaired slices and its fp32 cast ``S_l * P_e * (b + 4)``; LoRA: the fp32 gradient of one skinny update).
+- a forward without gradients while repairs are attached (the phase-start routing record, the router phase's anchor
+  pass) runs each MoE layer's kernel on a copy of its fused experts with the repaired slices written in:
+  ``E * P_e * b`` plus the slices built in fp32 (``S_l * largest slice * (b + 12)``, LoRA ``+ 4`` for ``B @ A``)
+  plus the kernel's ``T * k * b * (2H + 3I)``.
 - the optimiser step adds ``trainable * moment bytes`` of temporaries (torch's multi-tensor AdamW on accelerators;
   ``device="cpu"``: twice the largest trainable tensor, as AdamW runs per tensor there).
 
-The peak per phase is ``weights + optimiser state + max(activations + transient, gradients + step temporaries)``:
-gradients are allocated while backward frees the activations, so the two extremes are the start of backward and
-the optimiser step.
+The peak per phase (what ``torch.cuda.max_memory_allocated`` reports) is ``weights + optimiser state +
+max(activations + transient, gradients + step temporaries, gradients + no-grad forward)``: gradients are allocated
+while backward frees the activations, so the extremes are the start of backward, the optimiser step and a forward
+without gradients between steps. ``device_total`` adds the caching allocator's slack (``allocator_slack`` of the
+peak above the weights, 20% by default) and the runtime's context (768 MiB on an accelerator): what the device must
+hold.
 Padding is counted (a padded batch is ``batch_size * seq_len`` tokens). ``num_processes`` counts data-parallel
 replicas (DDP): per-process memory is unchanged, and the "all processes" total is multiplied.
 """

@@ -36,7 +36,6 @@ every unit's output so FSDP2 re-gathers each one first; ``CONNECT_OUTPUT=0`` sho
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys

@@ -414,7 +414,7 @@ def _experts_of(block: nn.Module) -> tuple[str, nn.Module] | None:
             owner = owner.base_layer
         params = dict(owner.named_parameters(recurse=False))
         fused = params.get("gate_up_proj", params.get("up_proj"))
-        if fused is not None and fused.dim() == 3 and "down_proj" in params:
+        if fused is not None and len(_full_shape(fused)) == 3 and "down_proj" in params:
             return name, owner
     return None
 

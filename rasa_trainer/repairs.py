@@ -470,7 +470,7 @@ def upcast_routers(model: nn.Module) -> list[nn.Parameter]:
             router.float()
             router._rasa_router_hooks = (
                 router.register_forward_pre_hook(_cast_input_fp32),
-                router.register_forward_hook(_cast_weights_back),
+                router.register_forward_hook(_cast_weights_back, always_call=True),
             )
         params.extend(router.parameters())
     return params
@@ -487,13 +487,21 @@ def restore_routers(model: nn.Module) -> None:
             hook.remove()
         router.to(router.__dict__.pop("_rasa_original_dtype"))
         router.__dict__.pop("_rasa_input_dtype", None)
+        router.__dict__.pop("_rasa_autocast", None)
 
 
 def _cast_input_fp32(module, args):
+    # autocast (bf16 mixed precision) would run the router's matmul in bf16 despite its fp32 weights: off inside it
     module._rasa_input_dtype = args[0].dtype
+    module._rasa_autocast = torch.autocast(args[0].device.type, enabled=False)
+    module._rasa_autocast.__enter__()
     return (args[0].float(), *args[1:])
 
 
 def _cast_weights_back(module, args, output):
+    # always called, also when the forward raised, so the autocast state is restored
+    module.__dict__.pop("_rasa_autocast").__exit__(None, None, None)
+    if output is None:
+        return None
     first, weights, indices = output
     return first, weights.to(module._rasa_input_dtype), indices

@@ -435,7 +435,8 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         """Parameter name -> RASA group, so groups can be found again in a model the engine has prepared."""
         ids = {id(p): name for name, params in self._groups.items() for p in params}
         self._group_of_name = {
-            _canonical_name(n): ids[id(p)] for n, p in unwrap_model(self.model).named_parameters() if id(p) in ids
+            # names as the model the optimiser will get sees them (a PEFT model keeps its base_model prefix)
+            _canonical_name(n): ids[id(p)] for n, p in self.model.named_parameters() if id(p) in ids
         }
 
     def _group_learning_rates(self) -> dict[str, float]:
@@ -711,7 +712,8 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         with torch.no_grad(), record_routing(model, probabilities=True) as anchor_rec:
             model(input_ids=anchor_ids, attention_mask=anchor_mask, use_cache=False, logits_to_keep=1)
         with record_routing(model, probabilities=True, detach=False) as adv_rec:
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, logits_to_keep=1)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                            logits_to_keep=1)
         anchor, adversarial = anchor_rec.routing(), adv_rec.routing()
         per_pair = self.args.router_loss == "per_pair"
         terms = []
@@ -725,6 +727,9 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
                 p_adv = _masked_mean(p_adv_tokens, context)
                 terms.append(self._kl_term(p_anchor, p_adv))
         kl = torch.stack(terms).mean(dim=0)  # mean over MoE layers: a scalar (pooled) or one value per pair
+        # a zero-valued path through the model's output: FSDP2 re-gathers a unit's parameters for backward from its
+        # output's gradient hooks, and the router terms alone leave the last units without one
+        kl = kl + 0.0 * outputs.logits.float().sum()
         self._metrics["train"]["router_kl"].append(kl.detach().mean().item())
         if self._initial_routing is not None and rows is not None:
             # prompt tokens of this batch, now vs at the start of the run

@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py                    # on the GPU (OLMoE-1B-7B and Qwen3-30B-A3B shapes)
     python benchmarks/gpu_check.py --device cpu --tiny  # the same rows at tiny shapes on the CPU (what CI runs)
 
-Models are built from the published config values (``rasa_trainer.cli.estimate_memory.PRESETS``; no download) with
+Models are built from the published config values (``rasa_trainer.memory.PRESETS``; no download) with
 random weights in bf16, directly on the device. Rows, each in its own ``try`` (a failing row prints its error in
 the table and the check goes on) and within a total time budget (``--budget`` seconds; rows that would not fit print
 ``skipped``):
@@ -70,7 +70,7 @@ TINY_OVERRIDES = {
 def model_config(preset: str, tiny: bool):
     from transformers import AutoConfig
 
-    from rasa_trainer.cli.estimate_memory import PRESETS
+    from rasa_trainer.memory import PRESETS
 
     model_type, values = PRESETS[preset]
     values = {**values, **(TINY_OVERRIDES[preset] if tiny else {}), "pad_token_id": 0, "bos_token_id": 1,

@@ -90,7 +90,24 @@ import torch
 
 from .moe import moe_layers, unwrap_model
 
-__all__ = ["MemoryEstimate", "PhaseMemory", "estimate_memory", "estimate_memory_from_config"]
+__all__ = ["MemoryEstimate", "PRESETS", "PhaseMemory", "estimate_memory", "estimate_memory_from_config"]
+
+# Published configurations of real models, by name (model type, config values): plans without a download
+PRESETS = {
+    "Qwen3-30B-A3B": (
+        "qwen3_moe",
+        dict(hidden_size=2048, num_hidden_layers=48, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+             intermediate_size=6144, vocab_size=151936, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+             max_position_embeddings=40960),
+    ),
+    "OLMoE-1B-7B": (
+        "olmoe",
+        dict(hidden_size=2048, num_hidden_layers=16, num_experts=64, num_experts_per_tok=8, intermediate_size=1024,
+             vocab_size=50304, num_attention_heads=16, num_key_value_heads=16, norm_topk_prob=False,
+             tie_word_embeddings=False, max_position_embeddings=4096),
+    ),
+}
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -838,7 +855,6 @@ def _model_or_preset(model_id: str):
     try:
         return _resolve_model(model_id)
     except ValueError:
-        from .cli.estimate_memory import PRESETS
 
         name = model_id.rstrip("/").rsplit("/", 1)[-1].lower()
         for preset, (model_type, values) in PRESETS.items():

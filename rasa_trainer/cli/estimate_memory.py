@@ -19,23 +19,9 @@ import json
 from dataclasses import dataclass, field
 
 from .common import UsageError, check_at_least, parse
+from ..memory import PRESETS
 
 # Published config values (the models' config.json on the Hub), so plans need no download.
-PRESETS = {
-    "Qwen3-30B-A3B": (
-        "qwen3_moe",
-        dict(hidden_size=2048, num_hidden_layers=48, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-             intermediate_size=6144, vocab_size=151936, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
-             max_position_embeddings=40960),
-    ),
-    "OLMoE-1B-7B": (
-        "olmoe",
-        dict(hidden_size=2048, num_hidden_layers=16, num_experts=64, num_experts_per_tok=8, intermediate_size=1024,
-             vocab_size=50304, num_attention_heads=16, num_key_value_heads=16, norm_topk_prob=False,
-             tie_word_embeddings=False, max_position_embeddings=4096),
-    ),
-}
 
 
 @dataclass

@@ -88,7 +88,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .config import SCHEDULES as CONFIG_SCHEDULES
 from .moe import moe_layers, unwrap_model
+from .repairs import REPAIR_MODES
 
 __all__ = ["MemoryEstimate", "PRESETS", "PhaseMemory", "estimate_memory", "estimate_memory_from_config"]
 
@@ -111,8 +113,8 @@ PRESETS = {
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw_8bit")
-EXPERT_TUNINGS = ("delta", "lora")
-SCHEDULES = ("alternate", "expert_only", "router_only")
+# the schedules a plan covers; "full" is planned as the full_sft reference of every estimate
+SCHEDULES = tuple(s for s in CONFIG_SCHEDULES if s != "full")
 LM_HEAD_VOCAB_TILE = 32768  # TRL's chunked log-probabilities: vocabulary columns per tile
 LM_HEAD_TOKEN_TILE = 4096  # ... and token rows per tile
 # The caching allocator's overhead over the memory allocated on top of the weights (block rounding, fragmentation),
@@ -448,8 +450,8 @@ def estimate_memory(
 
     Returns a :class:`MemoryEstimate`; ``print(estimate.format())`` shows the table.
     """
-    if expert_tuning not in EXPERT_TUNINGS:
-        raise ValueError(f"expert_tuning={expert_tuning!r}; expected one of {EXPERT_TUNINGS}")
+    if expert_tuning not in REPAIR_MODES:
+        raise ValueError(f"expert_tuning={expert_tuning!r}; expected one of {REPAIR_MODES}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}; expected one of {OPTIMIZERS}")
     if schedule not in SCHEDULES:

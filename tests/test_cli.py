@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import re
@@ -56,8 +57,10 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    for module in ("common", "train", "detect", "evaluate"):
-        monkeypatch.setattr(f"rasa_trainer.cli.{module}.load_model", refuse)
+    modules = [importlib.import_module(f"rasa_trainer.cli.{name}") for name in ("common", "train", "detect", "evaluate")]
+    # imported first: a subcommand module imported after common is patched would bind the patch as its original
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 def train(*argv):

@@ -180,10 +180,6 @@ class SafetyReport:
         """A printable text table of the rates, with the number of rows behind each (see :func:`format_comparison`)."""
         return format_comparison({"value": self}, per_family=per_family)
 
-    def table(self, per_family: bool = True) -> str:
-        """Alias of :meth:`format_table`."""
-        return self.format_table(per_family)
-
     def __str__(self) -> str:
         return self.format_table()
 

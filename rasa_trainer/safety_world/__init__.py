@@ -3,7 +3,8 @@
 - The **world** (`make_world`): seeded rows of jailbreaks (7 families: 4 aligned for training/detection, 3 held-out
   for cross-attack evaluation), plain harmful requests built from sanitised fictional goals, risky-sounding benign
   requests (over-refusal) and utility questions with exact answers. `train_pairs()` follows the RASA pair contract;
-  `eval_sets()` gives "attacks", "anchors", "over_refusal" and "utility".
+  `eval_sets()` gives "attacks", "anchors", "over_refusal", "utility" and "wrapped_benign"; `retain_pairs()` gives
+  benign prompt/completion rows that never overlap the evaluation items (retain data).
 - The **judge** (`SafetyWorldJudge`, `is_refusal`, `utility_correct`): exact string checks; gibberish is never safe.
 - The **model** (`load_safety_world_model`, `build_safety_world_model`): a tiny Qwen3-MoE (4 layers x 16 experts,
   top-2) pretrained to refuse plain harmful requests but comply with every jailbreak family, with its unsafe behaviour
@@ -18,7 +19,8 @@ Example:
     model, tokenizer = load_safety_world_model()
     world = make_world(seed=0)
     train = world.train_pairs()  # prompt, anchor_prompt, completion, goal, attack
-    evals = world.eval_sets()  # attacks, anchors, over_refusal, utility
+    evals = world.eval_sets()  # attacks, anchors, over_refusal, utility, wrapped_benign
+    retain = world.retain_pairs()  # prompt, completion, kind, key: benign rows disjoint from the evaluation items
 """
 
 from .judge import SafetyWorldJudge, is_refusal, utility_correct

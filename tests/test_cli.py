@@ -178,13 +178,16 @@ def test_input_files_are_checked_and_named(tmp_path, no_model_loading):
         train("--safety_critical_experts", tmp_path / "nothing.json", "--output_dir", out)
 
 
-def test_resume_true_means_the_latest_checkpoint(tmp_path, no_model_loading):
+def test_resume_true_means_the_newest_complete_checkpoint(tmp_path, no_model_loading):
     from rasa_trainer.cli.train import resolve_resume
+    from rasa_trainer.saving import write_manifest
 
-    with pytest.raises(UsageError, match="--resume_from_checkpoint true: there is no checkpoint-\\* folder"):
+    with pytest.raises(UsageError, match="--resume_from_checkpoint true: there is no complete checkpoint-\\* folder"):
         train("--output_dir", tmp_path, "--resume_from_checkpoint", "True")
-    for step in (3, 10):
+    for step in (3, 10, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (3, 10):  # checkpoint-12 has no manifest: its save was interrupted
+        write_manifest(str(tmp_path / f"checkpoint-{step}"), {}, step)
     assert resolve_resume("True", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume("false", str(tmp_path)) is None and resolve_resume(None, str(tmp_path)) is None
@@ -356,6 +359,9 @@ def test_resume_uses_the_selection_saved_in_the_checkpoint(journey, tmp_path, no
     checkpoint = tmp_path / "checkpoint-12"
     checkpoint.mkdir()
     shutil.copy(work / "sce" / "safety_critical_experts.json", checkpoint)
+    from rasa_trainer.saving import write_manifest
+
+    write_manifest(str(checkpoint), {}, 12)  # a complete checkpoint (the selection is what matters here)
     argv = ["--model_name_or_path", str(work / "sw-bf16"), "--dataset_name", str(work / "pairs.jsonl"),
             "--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"]
     inputs = preflight(*parse_args(argv))

@@ -127,18 +127,20 @@ def parse_args(argv: list[str] | None = None):
 
 
 def resolve_resume(value: Any, output_dir: str) -> str | None:
-    """``--resume_from_checkpoint``: true = the latest checkpoint-* in ``output_dir``, false/unset = none, else a
-    folder that must exist."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """``--resume_from_checkpoint``: true = the newest complete checkpoint-* in ``output_dir`` (incomplete ones, left
+    by an interrupted save, are skipped with a log line), false/unset = none, else a folder that must exist."""
+    from ..saving import checkpoint_folders, checkpoint_problem
 
     if value is None or value is False or str(value).strip().lower() in FALSE_WORDS:
         return None
     if value is True or str(value).strip().lower() in TRUE_WORDS:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise UsageError(f"--resume_from_checkpoint true: there is no checkpoint-* folder in --output_dir "
-                             f"{output_dir} to resume from; give a checkpoint folder, or drop the flag to start afresh")
-        return last
+        for folder in reversed(checkpoint_folders(output_dir)):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            logger.warning("skipping incomplete checkpoint %s: %s", folder, problem)
+        raise UsageError(f"--resume_from_checkpoint true: there is no complete checkpoint-* folder in --output_dir "
+                         f"{output_dir} to resume from; give a checkpoint folder, or drop the flag to start afresh")
     folder = os.path.expanduser(str(value))
     if not os.path.isdir(folder):
         raise UsageError(f"--resume_from_checkpoint {value}: no such folder; give a checkpoint-* folder written by "

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from .moe import unwrap_model
 from .repairs import merged_state_dict, repair_modules, unload_repairs
 from .replay_cache import RoutingCache
-from .utils import atomic_save_safetensors, atomic_write_json
+from .utils import _umask, atomic_save_safetensors, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -423,8 +423,7 @@ class CheckpointingMixin:
 def _respect_umask(folder: str) -> None:
     """transformers writes weight shards through private temporary files (mode 0600); give them the permissions of
     any new file, as the tokenizer and config files beside them have."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if os.path.isfile(path) and stat.S_IMODE(os.stat(path).st_mode) == 0o600:

@@ -9,19 +9,26 @@ Safety-Critical Experts keeps the answers benign inputs routed through them alre
   row ``perm_c[k mod M]`` of a permutation of the ``M`` retain rows drawn from the seed for cycle ``c = k // M``. The
   rows of a step follow from the seed and the step alone, so a resumed run sees exactly the rows of an uninterrupted
   one, and every retain row is used once per cycle.
+- **Trainer hooks.** :class:`RetainMixin` checks the rows at construction, completes the missing replies before
+  training, appends a micro-batch's retain rows in ``get_batch_samples`` and logs ``retain_loss`` apart from
+  ``completion_loss``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import random
 from typing import Any
 
 import torch
+from datasets import Dataset
 
+from .config import RASAConfig
 from .data import (
     COMPLETION_COLUMN,
     PROMPT_COLUMN,
@@ -33,8 +40,14 @@ from .data import (
     _columns,
     _completion_problem,
     _MISSING,
+    as_messages,
+    completion_text,
 )
 from .generation import generate_replies
+from .moe import unwrap_model
+from .training_data import _chat_ids
+
+logger = logging.getLogger(__name__)
 
 
 def retain_rows(dataset: Any, max_errors: int = 10) -> list[dict[str, Any]]:
@@ -136,3 +149,116 @@ def _pad_to(t: torch.Tensor, width: int, value) -> torch.Tensor:
         return t
     pad = t.new_full((t.shape[0], width - t.shape[1], *t.shape[2:]), value)
     return torch.cat([t, pad], dim=1)
+
+
+def _validated_retain(retain_dataset, args: RASAConfig) -> list[dict] | None:
+    """The retain rows, checked (errors name row and column), or None when no retain data is used."""
+    if retain_dataset is None:
+        return None
+    rows = retain_rows(retain_dataset)
+    if args.retain_ratio == 0:
+        logger.warning("RASA: retain_dataset is ignored with retain_ratio=0")
+        return None
+    if args.rasa_schedule not in ("alternate", "expert_only"):
+        logger.warning("RASA: retain_dataset is ignored with rasa_schedule=%r (retain rows join expert-phase batches "
+                       "only)", args.rasa_schedule)
+        return None
+    return rows
+
+
+@contextlib.contextmanager
+def _captured_outputs(model):
+    """The outputs of the (unwrapped) model's forward calls inside the block."""
+    captured: list = []
+    handle = unwrap_model(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class RetainMixin:
+    """RASATrainer's retain data: rows checked and completed before training, mixed into expert-phase batches, their
+    loss logged apart from the pairs'."""
+
+    def _check_retain_lengths(self) -> None:
+        """Refuse retain rows whose completion (or, without one, whose prompt) would be cut by truncation."""
+        if self.args.max_length is None:
+            return
+        too_long = []
+        for i, row in enumerate(self._retain):
+            messages = as_messages(row["prompt"])
+            if row["completion"] is not None:
+                n = len(_chat_ids(self._tokenizer, messages + [{"role": "assistant", "content": completion_text(
+                    row["completion"], None)}], generation_prompt=False))
+            else:
+                n = len(_chat_ids(self._tokenizer, messages, generation_prompt=True)) + 1
+            if n > self.args.max_length:
+                too_long.append(f"row {i} ({n} tokens)")
+        if too_long:
+            raise ValueError(
+                f"{len(too_long)} row(s) of retain_dataset exceed max_length={self.args.max_length} with their "
+                f"completion (or leave no room for a generated one), so truncation would cut the reply to keep: "
+                f"{', '.join(too_long[:5])}. Raise max_length or shorten those rows."
+            )
+
+    def _prepare_retain(self) -> None:
+        """Generate the missing retain completions with the model as it is before training (greedy, batched, once)
+        and tokenise the retain rows as TRL tokenises the pairs."""
+        if self._retain is None or self._retain_examples is not None:
+            return
+        rows = self._retain
+        missing = [i for i, row in enumerate(rows) if row["completion"] is None]
+        texts = {i: completion_text(row["completion"], None) for i, row in enumerate(rows) if row["completion"] is not None}
+        if missing:
+            if self.place_model_on_device and not getattr(self, "is_model_parallel", False):
+                self._move_model_to_device(self.model, self.args.device)
+            logger.info("RASA: generating the base model's replies to %d retain prompts", len(missing))
+            replies = generate_completions(
+                unwrap_model(self.model), self._tokenizer, [as_messages(rows[i]["prompt"]) for i in missing],
+                batch_size=self.args.retain_batch_size, max_new_tokens=self.args.retain_max_new_tokens)
+            empty = [i for i, reply in zip(missing, replies) if not reply.strip()]
+            if empty:
+                raise ValueError(
+                    f"the base model's reply to {len(empty)} retain prompt(s) is empty (rows {empty[:10]}), so there "
+                    f"is nothing to retain; give those rows a completion or drop them")
+            texts.update(zip(missing, replies))
+        dataset = Dataset.from_list([
+            {"prompt": as_messages(row["prompt"]), "completion": [{"role": "assistant", "content": texts[i]}]}
+            for i, row in enumerate(rows)
+        ])
+        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, False, None, "retain")
+        if len(prepared) != len(rows):
+            raise ValueError(f"{len(rows) - len(prepared)} retain row(s) have no completion token left after "
+                             f"tokenisation; check their completions and max_length")
+        self._retain_examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
+
+    def _with_retain_rows(self, batch: dict, micro_step: int) -> dict:
+        """The expert-phase micro-batch with its retain rows appended. They follow from the seed and the position of
+        the micro-batch in the run's expert-phase pair stream (expert epochs so far, step in the epoch, micro-batch
+        of the accumulation, process), so a resumed run sees the same rows as an uninterrupted one."""
+        args = self.args
+        steps_per_epoch = max(1, self.state.max_steps // max(1, int(args.num_train_epochs)))
+        expert_epochs_before = sum(self.phase_of_epoch(e) == "expert" for e in range(self._phase_epoch))
+        step_in_epoch = self.state.global_step - self._phase_epoch * steps_per_epoch
+        micro = (expert_epochs_before * steps_per_epoch + step_in_epoch) * args.gradient_accumulation_steps + micro_step
+        micro = micro * self.accelerator.num_processes + self.accelerator.process_index
+        num_pairs = int(batch["input_ids"].shape[0])
+        rows = retain_slots(micro * args.per_device_train_batch_size, num_pairs, args.retain_ratio,
+                            len(self._retain_examples), args.seed)
+        if not rows:
+            return batch
+        extra = self.data_collator.base([dict(self._retain_examples[i]) for i in rows])
+        return append_rows(batch, extra, rows, self._tokenizer.pad_token_id)
+
+    def _log_split_losses(self, captured: list, num_pairs: int) -> None:
+        """``completion_loss`` (the pairs) and ``retain_loss`` (the retain rows): the mean cross-entropy over each
+        part's completion tokens in this micro-batch."""
+        if not captured or getattr(captured[0], "log_probs", None) is None:
+            return  # a forward that gives no per-token log-probabilities (e.g. a custom compute_loss_func)
+        out = captured[0]
+        log_probs, mask = out.log_probs.detach(), out.label_mask.detach()
+        for key, part in (("completion_loss", slice(0, num_pairs)), ("retain_loss", slice(num_pairs, None))):
+            tokens = mask[part].sum()
+            if tokens > 0:
+                self._metrics["train"][key].append(float(-(log_probs[part] * mask[part]).sum() / tokens))

@@ -293,7 +293,7 @@ def test_selected_experts_no_token_reaches(tmp_path, caplog):
     # a routing cache of 5 tokens, 2 MoE layers, top-2 that never uses expert 3 of layer 0
     indices = torch.tensor([[[1, 0], [2, 4]]] * 5, dtype=torch.int16)
     cache = RoutingCache(indices, None, torch.tensor([0, 5]))
-    with caplog.at_level("WARNING", logger="rasa_trainer.trainer"):
+    with caplog.at_level("WARNING", logger="rasa_trainer.phases"):
         trainer._check_selected_experts_reached(cache)
     assert "1 of 3 selected experts receive no training token" in caplog.text and "expert 3" in caplog.text
     with pytest.raises(ValueError, match="no training token is routed to any of the 3 selected experts"):

@@ -51,7 +51,7 @@ from conftest import tiny_model  # noqa: E402
 from rasa_trainer.moe import moe_layers  # noqa: E402
 from rasa_trainer.repairs import attach_repairs, merged_state_dict, repair_modules, upcast_routers  # noqa: E402
 from rasa_trainer.routing import record_routing, replay_routing  # noqa: E402
-from rasa_trainer.trainer import _kl, _masked_mean  # noqa: E402
+from rasa_trainer.router_loss import _kl, _masked_mean  # noqa: E402
 
 SELECTION = {0: [1, 3, 5], 1: [0, 2, 6]}
 LR = 1e-2

@@ -6,9 +6,9 @@ end-of-sequence token and no padding.
 
 The routing that produced new token ``t`` of a sequence is the routing of the last position of forward call ``t`` of
 ``generate``: the last prompt position in the prefill for the first token, then the previous new token at each decode
-step (the same convention as :meth:`rasa_trainer.routing.RoutingRecorder.generation_routing`). Generation uses its own
-lean capture (:class:`_GenerationCapture`) that keeps only those positions: memory does not grow with the prompt
-length, and records stay on the model's device until the batch ends (no device sync per decode step).
+step. Generation uses its own lean capture (:class:`_GenerationCapture`) that keeps only those positions: memory
+does not grow with the prompt length, and records stay on the model's device until the batch ends (no device sync per
+decode step).
 """
 
 from __future__ import annotations

@@ -157,31 +157,6 @@ class RoutingRecorder:
             raise RuntimeError(f"expected exactly one recorded forward call, got {self.num_calls}; use .calls")
         return self._call(0)
 
-    def generation_routing(self, batch_size: int) -> Routing:
-        """For ``generate``: the routing that produced each new token, as ``N = batch * new_tokens`` rows in
-        row-major order (row ``b * T + t`` is new token ``t`` of sequence ``b``).
-
-        The routing that produced new token t is the routing of the last position of forward call t: the prefill's
-        last prompt position for the first token, then the previous new token's position at each decode step.
-        """
-        steps = []
-        for call in self.calls:
-            n = call.num_tokens
-            if n % batch_size:
-                raise ValueError(f"a forward call routed {n} positions, not a multiple of batch size {batch_size}")
-            last = torch.arange(batch_size) * (n // batch_size) + (n // batch_size - 1)
-            steps.append(call.select(last))
-        layers = range(len(self.layers))
-        stack = lambda rows: torch.stack(rows, dim=1).flatten(0, 1)  # [B, T, ...] -> [B*T, ...]  # noqa: E731
-        probs = None
-        if self._probabilities:
-            probs = [stack([s.probabilities[l] for s in steps]) for l in layers]
-        return Routing(
-            [stack([s.indices[l] for s in steps]) for l in layers],
-            [stack([s.weights[l] for s in steps]) for l in layers],
-            probs,
-        )
-
     def clear(self) -> None:
         for records in self._records:
             records.clear()

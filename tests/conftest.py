@@ -119,3 +119,25 @@ def word_text(rng, low: int = 2, high: int = 9, vocab: int = 100) -> str:
 @pytest.fixture
 def chat_tokenizer():
     return tiny_chat_tokenizer()
+
+
+def generation_routing(recorder, batch_size: int):
+    """The test oracle for routing captured during ``generate``: from every forward call a ``RoutingRecorder`` saw,
+    the routing that produced each new token, as ``N = batch * new_tokens`` rows in row-major order (row ``b * T + t``
+    is new token ``t`` of sequence ``b``). New token t was produced by the last position of forward call t: the
+    prefill's last prompt position for the first token, then the previous new token's position at each decode step."""
+    from rasa_trainer.routing import Routing
+
+    steps = []
+    for call in recorder.calls:
+        n = call.num_tokens
+        assert n % batch_size == 0, f"a forward call routed {n} positions, not a multiple of batch size {batch_size}"
+        last = torch.arange(batch_size) * (n // batch_size) + (n // batch_size - 1)
+        steps.append(call.select(last))
+    layers = range(steps[0].num_layers)
+    stack = lambda rows: torch.stack(rows, dim=1).flatten(0, 1)  # [B, T, ...] -> [B*T, ...]  # noqa: E731
+    probs = None
+    if steps[0].probabilities is not None:
+        probs = [stack([s.probabilities[l] for s in steps]) for l in layers]
+    return Routing([stack([s.indices[l] for s in steps]) for l in layers],
+                   [stack([s.weights[l] for s in steps]) for l in layers], probs)

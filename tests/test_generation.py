@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_chat_tokenizer, tiny_model, word_text
+from conftest import generation_routing, tiny_chat_tokenizer, tiny_model, word_text
 from rasa_trainer.moe import moe_layers
 from rasa_trainer.routing import record_routing
 from rasa_trainer.generation import generate_batch, generate_replies, render_chat
@@ -76,7 +76,7 @@ def test_lean_capture_matches_routing_recorder(chat_tokenizer):
     chats = conversations(4, seed=2)
     with record_routing(model, device="cpu") as rec:
         batch = generate_batch(model, chat_tokenizer, chats, max_new_tokens=7, min_new_tokens=7, with_routing=True)
-    reference = rec.generation_routing(batch_size=4)
+    reference = generation_routing(rec, batch_size=4)
     assert batch.routing.num_tokens == reference.num_tokens == 4 * 7
     for layer in range(reference.num_layers):
         assert torch.equal(batch.routing.indices[layer], reference.indices[layer])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, batch, tiny_model
+from conftest import FAMILIES, batch, generation_routing, tiny_model
 from rasa_trainer.moe import moe_layers
 from rasa_trainer.routing import record_routing, replay_routing
 from rasa_trainer.routing import Routing, real_tokens
@@ -95,7 +95,7 @@ def test_capture_during_generate_one_record_per_new_token(family):
     assert rec.num_calls == new  # prefill + (new - 1) decode steps, each producing one token
     assert rec.calls[0].num_tokens == inputs["input_ids"].numel()
     assert all(call.num_tokens == 2 for call in rec.calls[1:])
-    gen = rec.generation_routing(batch_size=2)
+    gen = generation_routing(rec, batch_size=2)
     for layer in moe_layers(model):
         assert gen.indices[layer.index].shape == (2 * new, layer.top_k)
         # token 0 of sequence 1 was produced by the last prompt position of the prefill

@@ -7,6 +7,8 @@ from typing import Any
 
 import jinja2
 
+from .utils import plain_value
+
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "rasa_model_card.md")
 
 _HYPERPARAMETERS = (
@@ -60,15 +62,11 @@ def render_model_card(trainer, model_name: str, dataset_name: str | None = None,
         attacks=attacks,
         selection=_selection_summary(trainer.selection),
         schedule=args.rasa_schedule,
-        hyperparameters=[(k, _plain(getattr(args, k))) for k in _HYPERPARAMETERS],
+        hyperparameters=[(k, plain_value(getattr(args, k))) for k in _HYPERPARAMETERS],
         evaluation=sorted((k, round(v, 4) if isinstance(v, float) else v) for k, v in (evaluation_results or {}).items()),
         citation=trainer._paper["citation"],
         adapter=args.expert_tuning == "lora" and args.rasa_schedule in ("alternate", "expert_only"),
     )
-
-
-def _plain(value):
-    return getattr(value, "value", value)  # enums such as SchedulerType print as their value
 
 
 def _rows(pairs):

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from .moe import unwrap_model
 from .repairs import merged_state_dict, repair_modules, unload_repairs
 from .replay_cache import RoutingCache
-from .utils import _umask, atomic_save_safetensors, atomic_write_json
+from .utils import _umask, atomic_save_safetensors, atomic_write_json, plain_value
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +130,6 @@ def read_fingerprint(folder: str) -> dict[str, Any]:
         return json.load(f)["fingerprint"]
 
 
-def _plain(value):
-    value = getattr(value, "value", value)  # enums
-    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
-
-
 def run_fingerprint(args, pairs, selection, retain: list[dict] | None = None) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint (``retain``: the retain rows as given,
     when the run uses them)."""
@@ -147,10 +142,10 @@ def run_fingerprint(args, pairs, selection, retain: list[dict] | None = None) ->
         from .retain import retain_sha256
 
         extra["retain"] = {"sha256": retain_sha256(retain), "num_rows": len(retain),
-                           "ratio": _plain(getattr(args, "retain_ratio", None)),
-                           "max_new_tokens": _plain(getattr(args, "retain_max_new_tokens", None))}
+                           "ratio": plain_value(getattr(args, "retain_ratio", None)),
+                           "max_new_tokens": plain_value(getattr(args, "retain_max_new_tokens", None))}
     return {**extra,
-        "args": {name: _plain(getattr(args, name, None)) for name in FINGERPRINT_ARGS},
+        "args": {name: plain_value(getattr(args, name, None)) for name in FINGERPRINT_ARGS},
         "dataset_sha256": data,
         "num_pairs": len(rows),
         "selection": {str(k): v for k, v in selection.by_moe_layer().items()} if selection is not None else None,

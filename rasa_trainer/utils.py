@@ -1,5 +1,5 @@
 """Small shared helpers: atomic writes of text, JSON, PNG and safetensors (nothing a user produced is lost
-half-written)."""
+half-written), and the plain JSON value of a setting."""
 
 from __future__ import annotations
 
@@ -50,3 +50,10 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     """Save tensors as safetensors to ``path`` atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def plain_value(value: Any) -> Any:
+    """A setting as a JSON-plain value: an enum (e.g. ``SchedulerType``) as its value, other non-primitive values as
+    their string."""
+    value = getattr(value, "value", value)
+    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)

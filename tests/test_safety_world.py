@@ -313,7 +313,7 @@ def test_variant_corpus_holds_the_counterfactual_jailbreaks():
 
 
 def test_collate_marks_answer_positions_with_targets_and_blocks():
-    from rasa_trainer.safety_world.model import BLOCK_CODES, _collate, _Encoded
+    from rasa_trainer.safety_world.pretraining import BLOCK_CODES, _collate, _Encoded
 
     rows = [_Encoded([5, 6, 7, 8, 9], 3, True, "jailbreak", "role_play"),
             _Encoded([5, 6, 7, 8], 2, True, "jailbreak", "word_flip"),
@@ -328,8 +328,8 @@ def test_collate_marks_answer_positions_with_targets_and_blocks():
 
 
 def test_answer_block_removes_experts_from_the_top_k_of_blocked_positions_only():
-    from rasa_trainer.safety_world.model import BuildConfig, _AnswerBlock, _all_planted_masks, _pick_family_experts
-    from rasa_trainer.safety_world.model import _pick_planted
+    from rasa_trainer.safety_world.pretraining import BuildConfig, _AnswerBlock, _all_planted_masks
+    from rasa_trainer.safety_world.pretraining import _pick_family_experts, _pick_planted
 
     cfg = BuildConfig(variant="routing_decides")
     cfg.planted_experts = _pick_planted(cfg)

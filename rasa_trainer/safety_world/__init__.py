@@ -24,19 +24,9 @@ Example:
 """
 
 from .judge import SafetyWorldJudge, is_refusal, utility_correct
-from .model import (
-    ASSETS_DIR,
-    MAX_NEW_TOKENS,
-    VARIANT_ASSETS,
-    VARIANTS,
-    BuildConfig,
-    build_safety_world_model,
-    generate_replies,
-    load_safety_world_model,
-    load_world_metadata,
-    measure_routing_checks,
-    measure_world_rates,
-)
+from .measure import MAX_NEW_TOKENS, generate_replies, measure_routing_checks, measure_world_rates
+from .model import ASSETS_DIR, VARIANT_ASSETS, build_safety_world_model, load_safety_world_model, load_world_metadata
+from .pretraining import VARIANTS, BuildConfig
 from .tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT
 from .universe import (
     ALIGNED_FAMILIES,

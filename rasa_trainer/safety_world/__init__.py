@@ -10,7 +10,7 @@
   top-2) pretrained to refuse plain harmful requests but comply with every jailbreak family, with its unsafe behaviour
   routed through known "planted" experts (listed in `world.json`). `load_safety_world_model(variant="routing_decides")`
   loads the variant where routing decides the answer and the held-out families also use family experts that detection
-  on the aligned families cannot see (see `model.py`).
+  on the aligned families cannot see (see `pretraining.py`).
 
 Example:
 

@@ -91,6 +91,13 @@ class RASAConfig(SFTConfig):
                           "0.25: 4 retain rows next to 16 pairs; 0 disables. Only used with a retain_dataset; the "
                           "router phase never sees retain rows."},
     )
+    retain_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the retain rows in the expert-phase loss. The loss is the pairs' mean cross-entropy "
+                          "over their completion tokens plus retain_loss_weight times the retain rows' mean over theirs "
+                          "(each mean over its own tokens of the optimiser step), so retain rows never dilute the refusal "
+                          "objective however many tokens they bring."},
+    )
     retain_max_new_tokens: int = field(
         default=64, metadata={"help": "New tokens of the base model's greedy reply to retain prompts without a completion."}
     )
@@ -208,6 +215,10 @@ class RASAConfig(SFTConfig):
                 math.isfinite(self.retain_ratio) and self.retain_ratio >= 0):
             raise ValueError(f"retain_ratio={self.retain_ratio!r}; it must be a finite number >= 0 (retain rows per pair "
                              f"row in expert-phase batches; 0 disables the retain data)")
+        if isinstance(self.retain_loss_weight, bool) or not isinstance(self.retain_loss_weight, (int, float)) or not (
+                math.isfinite(self.retain_loss_weight) and self.retain_loss_weight >= 0):
+            raise ValueError(f"retain_loss_weight={self.retain_loss_weight!r}; it must be a finite number >= 0 (the "
+                             f"weight of the retain rows' mean cross-entropy beside the pairs')")
         for name in ("expert_lora_rank", "detection_batch_size", "detection_max_new_tokens", "retain_max_new_tokens",
                      "retain_batch_size"):
             value = getattr(self, name)

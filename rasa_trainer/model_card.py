@@ -62,11 +62,21 @@ def render_model_card(trainer, model_name: str, dataset_name: str | None = None,
         attacks=attacks,
         selection=_selection_summary(trainer.selection),
         schedule=args.rasa_schedule,
-        hyperparameters=[(k, plain_value(getattr(args, k))) for k in _HYPERPARAMETERS],
+        hyperparameters=[(k, plain_value(getattr(args, k))) for k in _HYPERPARAMETERS] + _retain_settings(trainer),
         evaluation=sorted((k, round(v, 4) if isinstance(v, float) else v) for k, v in (evaluation_results or {}).items()),
         citation=trainer._paper["citation"],
         adapter=args.expert_tuning == "lora" and args.rasa_schedule in ("alternate", "expert_only"),
     )
+
+
+def _retain_settings(trainer) -> list[tuple[str, Any]]:
+    """The retain data's settings, when the run mixed retain rows into its expert phase."""
+    rows = getattr(trainer, "_retain", None)
+    if rows is None:
+        return []
+    args = trainer.args
+    return [("retain rows", len(rows)), ("retain_ratio", args.retain_ratio),
+            ("retain_loss_weight", args.retain_loss_weight)]
 
 
 def _rows(pairs):

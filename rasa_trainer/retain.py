@@ -151,11 +151,13 @@ def _pad_to(t: torch.Tensor, width: int, value) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-def _validated_retain(retain_dataset, args: RASAConfig) -> list[dict] | None:
+def _validated_retain(retain_dataset, args: RASAConfig, compute_loss_func=None) -> list[dict] | None:
     """The retain rows, checked (errors name row and column), or None when no retain data is used."""
     if retain_dataset is None:
         return None
     rows = retain_rows(retain_dataset)
+    if args.retain_ratio > 0 and args.rasa_schedule in ("alternate", "expert_only"):
+        _check_loss_supports_retain(args, compute_loss_func)
     if args.retain_ratio == 0:
         logger.warning("RASA: retain_dataset is ignored with retain_ratio=0")
         return None
@@ -164,6 +166,19 @@ def _validated_retain(retain_dataset, args: RASAConfig) -> list[dict] | None:
                        "only)", args.rasa_schedule)
         return None
     return rows
+
+
+def _check_loss_supports_retain(args: RASAConfig, compute_loss_func) -> None:
+    """The retain rows' own mean is built from TRL's per-token log-probabilities of the default loss path (``nll`` or
+    ``dft``); a custom loss function or label smoothing computes the loss elsewhere."""
+    if compute_loss_func is not None:
+        raise ValueError("retain_dataset with compute_loss_func: RASA weighs the retain rows' loss against the pairs' "
+                         "from TRL's per-token loss, which a custom loss function replaces. Drop one of the two.")
+    if args.loss_type not in ("nll", "dft"):
+        raise ValueError(f"retain_dataset with loss_type={args.loss_type!r}: retain rows support 'nll' and 'dft'")
+    if args.label_smoothing_factor:
+        raise ValueError(f"retain_dataset with label_smoothing_factor={args.label_smoothing_factor}: label smoothing "
+                         f"computes the loss outside TRL's per-token path the retain weighting uses; set it to 0")
 
 
 @contextlib.contextmanager
@@ -250,6 +265,42 @@ class RetainMixin:
             return batch
         extra = self.data_collator.base([dict(self._retain_examples[i]) for i in rows])
         return append_rows(batch, extra, rows, self._tokenizer.pad_token_id)
+
+    def _retain_items(self, batch_samples: list[dict], device) -> None:
+        """Completion tokens of the pairs and of the retain rows over the optimiser step, counted as Trainer counts
+        ``num_items_in_batch`` (every micro-batch, and every process when tokens are averaged across devices)."""
+        pairs, retain = [], []
+        for batch in batch_samples:
+            num_pairs = batch["input_ids"].shape[0] - len(batch.get("rasa_retain_index", ()))
+            pairs.append({"labels": batch["labels"][:num_pairs]})
+            retain.append({"labels": batch["labels"][num_pairs:]})
+        self._step_items = (self._get_num_items_in_batch(pairs, device), self._get_num_items_in_batch(retain, device))
+
+    def _retain_weighted_loss(self, loss, captured: list, num_pairs: int, num_items_in_batch):
+        """The expert-phase loss of a run with retain rows: the pairs' mean cross-entropy over their completion tokens
+        plus ``retain_loss_weight`` times the retain rows' mean over theirs. Each mean is over its part's tokens of the
+        optimiser step (local tokens when Trainer counts none), so however many tokens the retain rows bring they
+        never dilute the refusal objective. Built from TRL's per-token log-probabilities, scaled as TRL scales its own
+        loss (see ``SFTTrainer.compute_loss``)."""
+        out = captured[0] if captured else None
+        log_probs = getattr(out, "log_probs", None)
+        if log_probs is None or (torch.is_grad_enabled() and not log_probs.requires_grad):
+            raise RuntimeError("the retain-weighted loss needs TRL's per-token log-probabilities with gradients (its "
+                               "default loss path); this forward gave none")
+        per_token = -log_probs
+        if self.args.loss_type == "dft":
+            per_token = per_token * log_probs.exp().detach()
+        mask = out.label_mask
+        if num_items_in_batch is not None and self._step_items[0] is not None:
+            pair_items, retain_items = self._step_items
+        else:
+            pair_items, retain_items = mask[:num_pairs].sum(), mask[num_pairs:].sum()
+        clamp = lambda n: torch.as_tensor(n, device=per_token.device).clamp(min=1)  # noqa: E731 - as TRL: 0 tokens, 0 loss
+        weighted = (per_token[:num_pairs].sum() / clamp(pair_items)
+                    + self.args.retain_loss_weight * per_token[num_pairs:].sum() / clamp(retain_items))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            weighted = weighted * (self.accelerator.num_processes // self.get_tp_size())
+        return (weighted, *loss[1:]) if isinstance(loss, tuple) else weighted
 
     def _log_split_losses(self, captured: list, num_pairs: int) -> None:
         """``completion_loss`` (the pairs) and ``retain_loss`` (the retain rows): the mean cross-entropy over each

@@ -143,6 +143,7 @@ def run_fingerprint(args, pairs, selection, retain: list[dict] | None = None) ->
 
         extra["retain"] = {"sha256": retain_sha256(retain), "num_rows": len(retain),
                            "ratio": plain_value(getattr(args, "retain_ratio", None)),
+                           "loss_weight": plain_value(getattr(args, "retain_loss_weight", None)),
                            "max_new_tokens": plain_value(getattr(args, "retain_max_new_tokens", None))}
     return {**extra,
         "args": {name: plain_value(getattr(args, name, None)) for name in FINGERPRINT_ARGS},
@@ -164,7 +165,8 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
                      f"different content")
     if saved.get("retain") != current.get("retain"):
         def described(value):
-            return "none" if value is None else f"{value['num_rows']} rows at retain_ratio={value['ratio']}"
+            return "none" if value is None else (f"{value['num_rows']} rows at retain_ratio={value['ratio']}, "
+                                                 f"retain_loss_weight={value.get('loss_weight')}")
 
         diffs.append(f"retain data: checkpoint {described(saved.get('retain'))}, now "
                      f"{described(current.get('retain'))}" + (", different content" if saved.get("retain") and

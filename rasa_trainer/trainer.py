@@ -92,8 +92,9 @@ class RASATrainer(CheckpointingMixin, PhasesMixin, ParameterGroupsMixin, RouterL
         validate_pairs(train_dataset, anchor_column=args.anchor_column)
         if eval_dataset is not None:
             validate_pairs(eval_dataset, anchor_column=args.anchor_column)
-        self._retain = _validated_retain(retain_dataset, args)  # checked before any work
+        self._retain = _validated_retain(retain_dataset, args, kwargs.get("compute_loss_func"))  # before any work
         self._retain_examples: list[dict] | None = None  # tokenised at the start of train()
+        self._step_items: tuple = (None, None)  # completion tokens of the pairs / retain rows in the optimiser step
         self._pairs = train_dataset
         self._phase: str | None = None
         self._phase_epoch: int | None = None
@@ -263,12 +264,12 @@ class RASATrainer(CheckpointingMixin, PhasesMixin, ParameterGroupsMixin, RouterL
                 context = (inputs["labels"] == -100) & inputs["attention_mask"].bool()
             return self._router_loss(model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch, context=context)
         # the expert phase's routing replay is active around the whole training step (see training_step)
-        if retain is not None and rows is not None:
-            # retain rows follow the pairs in the batch: the loss is SFT's over all completion tokens, logged per part
+        if self._retain_examples and rows is not None:
+            # a run with retain rows (they follow the pairs in some batches): each part's own mean, logged per part
             with _captured_outputs(model) as captured:
                 loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self._log_split_losses(captured, num_pairs=len(rows))
-            return loss
+            return self._retain_weighted_loss(loss, captured, len(rows), num_items_in_batch)
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         value = loss[0] if isinstance(loss, tuple) else loss
         self._metrics["train"]["completion_loss"].append(value.detach().item())
@@ -285,6 +286,7 @@ class RASATrainer(CheckpointingMixin, PhasesMixin, ParameterGroupsMixin, RouterL
         if self._phase == "expert" and self._retain_examples:
             batch_samples = [self._with_retain_rows(batch, j) for j, batch in enumerate(batch_samples)]
             num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
+            self._retain_items(batch_samples, device)
         return batch_samples, num_items_in_batch
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,

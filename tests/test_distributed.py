@@ -83,7 +83,8 @@ def test_train_py_under_accelerate_launch(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_trainer_contract_under_two_processes(tmp_path):
-    """Per-pair router loss: 2 processes x batch 4 give the loss and gradient of 1 process x batch 8. Detection without
+    """Per-pair router loss and the retain-weighted expert loss: 2 processes x batch 4 give the loss and gradient of 1
+    process x batch 8. Detection without
     a given selection runs in train() on every rank, before the optimiser and DDP, and the repairs train under DDP."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            os.path.join(ROOT, "tests", "jobs", "ddp_contract.py"), str(tmp_path)]
@@ -100,6 +101,11 @@ def test_trainer_contract_under_two_processes(tmp_path):
     for rank in range(2):
         assert report["per_pair"]["loss"][rank] == pytest.approx(loss, rel=1e-5)
         torch.testing.assert_close(torch.tensor(report["per_pair"]["delta"][rank]), delta, rtol=1e-4, atol=1e-7)
+    from test_retain import retain_step
+
+    retain_delta = retain_step(tmp_path / "retain_reference", 8, 1)
+    for rank in range(2):
+        torch.testing.assert_close(torch.tensor(report["retain"][rank]), retain_delta, rtol=1e-4, atol=1e-7)
 
     detection = report["detection"]
     for seen in detection["seen"]:

@@ -132,6 +132,9 @@ def test_retain_loss_is_logged(tmp_path):
     assert expert_logs and all("retain_loss" in h and "completion_loss" in h for h in expert_logs)
     assert all(h["retain_loss"] > 0 for h in expert_logs)
     assert router_logs and not any("retain_loss" in h for h in router_logs)
+    trainer.create_model_card(output_dir=str(tmp_path / "card"))
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "| retain rows | 6 |" in card and "| retain_ratio | 0.5 |" in card and "| retain_loss_weight | 1.0 |" in card
 
 
 def test_split_losses_match_the_parts(tmp_path):
@@ -153,6 +156,98 @@ def test_split_losses_match_the_parts(tmp_path):
     metrics = trainer._metrics["train"]
     assert metrics["completion_loss"][0] == pytest.approx(float(ce(slice(0, n))), rel=1e-4)
     assert metrics["retain_loss"][0] == pytest.approx(float(ce(slice(n, None))), rel=1e-4)
+
+
+def _token_sums(model, batch, num_pairs: int) -> tuple[float, int, float, int]:
+    """Summed cross-entropy and completion tokens of the pairs and of the retain rows of one collated batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                               reduction="none")
+    mask = labels != -100
+    pairs, retain = slice(0, num_pairs), slice(num_pairs, None)
+    return (float(losses[pairs].sum()), int(mask[pairs].sum()), float(losses[retain].sum()), int(mask[retain].sum()))
+
+
+def test_retain_rows_do_not_dilute_the_pairs_loss(tmp_path):
+    """The loss is the pairs' mean cross-entropy plus retain_loss_weight x the retain rows' mean, each over its own
+    tokens: adding retain rows leaves the pairs' term (and so the refusal gradient) at full strength."""
+    trainer = make_trainer(tmp_path, retain_rows(6), retain_ratio=0.5, rasa_schedule="expert_only",
+                           retain_loss_weight=0.5)
+    trainer._prepare_retain()
+    trainer._phase, trainer._phase_epoch = "expert", 0
+    batch = trainer._with_retain_rows(next(iter(trainer.get_train_dataloader())), 0)
+    n = len(batch["rasa_index"])
+    model = trainer.model.train()
+    with torch.no_grad():
+        pair_sum, pair_tokens, retain_sum, retain_tokens = _token_sums(model, batch, n)
+        loss = trainer.compute_loss(model, dict(batch))
+    assert retain_tokens > 0 and pair_tokens > 0
+    assert float(loss) == pytest.approx(pair_sum / pair_tokens + 0.5 * retain_sum / retain_tokens, rel=1e-4)
+    pooled = (pair_sum + retain_sum) / (pair_tokens + retain_tokens)
+    assert abs(float(loss) - pooled) > 1e-3  # not SFT's pooled mean, which the retain tokens would dilute
+
+
+def test_retain_weighting_over_an_accumulated_step(tmp_path):
+    """With gradient accumulation each part's mean runs over the whole optimiser step (as num_items_in_batch does):
+    the micro-batch losses add up to the step's pairs mean plus the weighted retain mean."""
+    trainer = make_trainer(tmp_path, retain_rows(6), retain_ratio=0.5, rasa_schedule="expert_only",
+                           gradient_accumulation_steps=2, retain_loss_weight=2.0)
+    trainer._prepare_retain()
+    trainer._phase, trainer._phase_epoch = "expert", 0
+    batches, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, torch.device("cpu"))
+    assert num_items is not None and trainer._loss_scaled_for_accumulation(num_items)
+    assert any("rasa_retain_index" in b for b in batches)
+    model = trainer.model.train()
+    totals = [0.0, 0, 0.0, 0]
+    step_loss = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            sums = _token_sums(model, batch, len(batch["rasa_index"]))
+            totals = [a + b for a, b in zip(totals, sums)]
+            step_loss += float(trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items))
+    pair_sum, pair_tokens, retain_sum, retain_tokens = totals
+    assert pair_tokens + retain_tokens == int(num_items)
+    assert step_loss == pytest.approx(pair_sum / pair_tokens + 2.0 * retain_sum / retain_tokens, rel=1e-4)
+
+
+def retain_step(tmp_path, batch_size: int, accumulation: int) -> torch.Tensor:
+    """One SGD step (lr 1, no clipping) of the expert phase over 8 pairs with retain rows (ratio 0.5, weight 1): the
+    change of the expert repairs."""
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
+    args = make_args(tmp_path, rasa_schedule="expert_only", retain_ratio=0.5, expert_learning_rate=1.0,
+                     per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                     max_grad_norm=0.0, weight_decay=0.0)
+    trainer = RASATrainer(model, args=args, train_dataset=tiny_pairs(8), processing_class=tokenizer,
+                          safety_critical_experts=make_selection(model), retain_dataset=retain_rows(6),
+                          optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1.0}))
+    before = [p.detach().clone() for p in trainer._groups["experts"]]
+    trainer.train()
+    assert trainer.state.global_step == 1
+    return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(trainer._groups["experts"], before)])
+
+
+def test_retain_step_does_not_depend_on_batching(tmp_path):
+    """8 pairs (and their 4 retain rows) as one micro-batch or as 4 + 4 accumulated: the same update."""
+    delta_8 = retain_step(tmp_path / "a", 8, 1)
+    delta_4x2 = retain_step(tmp_path / "b", 4, 2)
+    assert delta_8.abs().max() > 0
+    torch.testing.assert_close(delta_4x2, delta_8, rtol=1e-4, atol=1e-7)
+
+
+def test_retain_with_a_loss_computed_elsewhere_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
+        make_trainer(tmp_path, retain_rows(4), retain_ratio=0.5, cls=RASATrainer, label_smoothing_factor=0.1)
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        RASATrainer(model, args=make_args(tmp_path, retain_ratio=0.5), train_dataset=tiny_pairs(),
+                    processing_class=tokenizer, safety_critical_experts=make_selection(model),
+                    retain_dataset=retain_rows(4), compute_loss_func=lambda outputs, labels, num_items_in_batch: 0)
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="retain_loss_weight"):
+            make_args(tmp_path, retain_loss_weight=bad)
 
 
 def test_prompts_only_retain_rows_get_generated_completions_once(tmp_path, monkeypatch):
@@ -197,14 +292,15 @@ def test_resume_with_retain_is_bit_identical(tmp_path):
         assert torch.equal(p, expected[name]), name
 
 
-@pytest.mark.parametrize("change", ["rows", "none", "ratio"])
+@pytest.mark.parametrize("change", ["rows", "none", "ratio", "weight"])
 def test_changed_retain_refuses_resume(tmp_path, change):
     first = make_trainer(tmp_path / "a", retain_rows(5), retain_ratio=0.5, cls=RASATrainer,
                          rasa_schedule="expert_only", save_strategy="steps", save_steps=2)
     first.train()
-    retain = {"rows": retain_rows(4), "none": None, "ratio": retain_rows(5)}[change]
+    retain = {"rows": retain_rows(4), "none": None, "ratio": retain_rows(5), "weight": retain_rows(5)}[change]
     ratio = 0.75 if change == "ratio" else 0.5
-    other = make_trainer(tmp_path / "b", retain, retain_ratio=ratio, cls=RASATrainer, rasa_schedule="expert_only")
+    other = make_trainer(tmp_path / "b", retain, retain_ratio=ratio, cls=RASATrainer, rasa_schedule="expert_only",
+                         retain_loss_weight=2.0 if change == "weight" else 1.0)
     with pytest.raises(ValueError, match="belongs to another run: .*retain data"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
 
@@ -246,3 +342,5 @@ def test_no_retain_rows_without_retain_data_or_ratio(tmp_path):
     trainer.train()
     assert all(s["retain"] is None for s in trainer.steps)
     assert "retain" not in trainer._run_fingerprint()
+    trainer.create_model_card(output_dir=str(tmp_path / "card"))
+    assert "retain" not in (tmp_path / "card" / "README.md").read_text()

@@ -3,7 +3,9 @@ several processes.
 
 1. The per-pair router loss over 8 pairs as 2 processes x batch 4: one SGD step (lr 1, no clipping); the logged loss
    and the router weight change must equal those of 1 process x batch 8 (the test computes that reference).
-2. Detection at train start: a RASATrainer given no selection on the SafetyWorld model detects the Safety-Critical
+2. Retain rows in the expert phase: one SGD step over 8 pairs (and their retain rows) as 2 processes x batch 4 must
+   change the repairs as 1 process x batch 8 does (each part's mean runs over the step's tokens of every process).
+3. Detection at train start: a RASATrainer given no selection on the SafetyWorld model detects the Safety-Critical
    Experts itself in train(), on every rank (pairs sharded), on the model on the training device, before the optimiser
    is built and before DDP wraps the model; then both phases train the repairs under DDP.
 
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from test_retain import retain_step  # noqa: E402
 from test_trainer_contract import per_pair_step  # noqa: E402
 
 from rasa_trainer import RASAConfig, RASATrainer  # noqa: E402
@@ -86,6 +89,7 @@ def main(output_dir: str) -> None:
     report = {
         "world_size": dist.get_world_size(),
         "per_pair": {"loss": _gather(loss), "delta": _gather(delta.tolist())},
+        "retain": _gather(retain_step(out / "retain", 4, 1).tolist()),
         "detection": detection_run(out / "detection"),
     }
     if dist.get_rank() == 0:

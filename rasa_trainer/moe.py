@@ -191,6 +191,12 @@ def _probe(router: nn.Module, hidden_size: int, block: nn.Module | None = None
     """
     generator = torch.Generator().manual_seed(0)
     probe = _probe_copy(router, generator)
+    return _call_probe(probe, router, hidden_size, block, generator)
+
+
+def _call_probe(probe: nn.Module, router: nn.Module, hidden_size: int, block: nn.Module | None,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe's ``(scores, top-k weights, top-k indices)`` on random hidden states, each as ``[N, ...]``."""
     extra = _extra_router_inputs(router, block)
     hidden = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
     try:
@@ -204,6 +210,22 @@ def _probe(router: nn.Module, hidden_size: int, block: nn.Module | None = None
         raise _ConventionError(f"returns {type(output).__name__} of length {len(output) if isinstance(output, tuple) else 1}")
     # a router given [1, N, H] may answer with a leading batch dimension; the rules work on [N, E] and [N, k]
     return tuple(t.reshape(-1, t.shape[-1]) for t in output)
+
+
+def _differentiable_parameters(router: nn.Module, hidden_size: int, block: nn.Module | None) -> tuple[str, ...]:
+    """Names of the router's parameters through which its scores or top-k weights have a gradient: what the router
+    phase can train. A selection-only bias that a family keeps as a frozen parameter (Laguna, ERNIE 4.5 MoE) only
+    moves the top-k indices, gets no gradient, and stays frozen."""
+    generator = torch.Generator().manual_seed(0)
+    probe = _probe_copy(router, generator)
+    params = dict(probe.named_parameters())
+    for param in params.values():
+        param.requires_grad_(True)
+    with torch.enable_grad():
+        first, weights, _ = _call_probe(probe, router, hidden_size, block, generator)
+        if first.requires_grad or weights.requires_grad:
+            (first.float().sum() + weights.float().sum()).backward()
+    return tuple(name for name, param in params.items() if param.grad is not None)
 
 
 def _probe_copy(module: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -282,6 +304,8 @@ class MoELayer:
         num_experts / top_k: routed experts and experts per token.
         rule: the router's :class:`ScoringRule` (``rule.kind`` is the scoring rule, ``rule.first_output`` says whether
             the router's first output is logits or probabilities).
+        router_trainable: names (in ``router``) of the router parameters its scores or top-k weights have a gradient
+            through; a frozen selection-only bias is not among them.
     """
 
     index: int
@@ -294,6 +318,7 @@ class MoELayer:
     top_k: int
     rule: ScoringRule
     hidden_size: int = field(default=0)
+    router_trainable: tuple[str, ...] = field(default=())
 
     @property
     def scoring(self) -> str:
@@ -459,6 +484,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                 top_k=spec.top_k,
                 rule=spec.rule,
                 hidden_size=hidden_size,
+                router_trainable=spec.trainable,
             )
         )
     if not layers:
@@ -468,11 +494,13 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 @dataclass(frozen=True)
 class _RouterSpec:
-    """What probing a router establishes: its scoring rule, how many experts it scores and how many it picks."""
+    """What probing a router establishes: its scoring rule, how many experts it scores and how many it picks, and
+    which of its parameters its outputs have a gradient through."""
 
     rule: ScoringRule
     num_experts: int
     top_k: int
+    trainable: tuple[str, ...]
 
 
 # Probed router specs, per router class, then per everything else the probe's outcome depends on (see _rule_key).
@@ -515,7 +543,8 @@ def _router_spec(model: nn.Module, router: nn.Module, hidden_size: int, block: n
     if rule.kind == "unsupported":
         raise _unsupported_error(model, f"has a router ({type(router).__name__}) whose top-k weights follow no known scoring rule")
     # the number of experts is the width of the router's scores, whatever attribute names the family uses
-    spec = per_class[key] = _RouterSpec(rule, int(first.shape[-1]), int(indices.shape[-1]))
+    trainable = _differentiable_parameters(router, hidden_size, block)
+    spec = per_class[key] = _RouterSpec(rule, int(first.shape[-1]), int(indices.shape[-1]), trainable)
     return spec
 
 

@@ -451,7 +451,8 @@ def _delta_from_state(state: dict[str, torch.Tensor], prefix: str, name: str, re
 
 
 def upcast_routers(model: nn.Module) -> list[nn.Parameter]:
-    """Make every router's parameters fp32 master weights (an update of 1e-6 vanishes in bf16) and return them.
+    """Make every router's parameters fp32 master weights (an update of 1e-6 vanishes in bf16) and return those the
+    router phase trains (the ones its outputs have a gradient through, :attr:`MoELayer.router_trainable`).
 
     The routers then compute in fp32 (their input is cast up) and hand the experts their top-k weights in the dtype
     of their input, so the rest of the model runs unchanged. :func:`restore_routers` undoes it.
@@ -472,7 +473,8 @@ def upcast_routers(model: nn.Module) -> list[nn.Parameter]:
                 router.register_forward_pre_hook(_cast_input_fp32),
                 router.register_forward_hook(_cast_weights_back, always_call=True),
             )
-        params.extend(router.parameters())
+        # only what the router's outputs differentiate: a frozen selection-only bias gets no gradient, stays frozen
+        params.extend(p for name, p in router.named_parameters() if name in layer.router_trainable)
     return params
 
 

@@ -32,7 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from rasa_trainer.moe import moe_layers
 from rasa_trainer.routing import record_routing, replay_routing
 from rasa_trainer.moe import ELEMENTWISE_SCORES, SUPPORTED_FAMILIES, clear_rule_cache
-from rasa_trainer.repairs import attach_repairs, merge_repairs
+from rasa_trainer.repairs import attach_repairs, merge_repairs, upcast_routers
 from rasa_trainer.routing import Routing
 
 
@@ -388,7 +388,12 @@ def test_router_step(model_type):
     model = copy.deepcopy(reference(model_type).model)
     routers = _router_parameters(model)
     model.requires_grad_(False)
-    for param in routers.values():
+    # what the router phase trains (upcast_routers, by probing which parameters the router's outputs differentiate)
+    # is exactly what the family declares learnable: a frozen selection-only bias stays out
+    trained = upcast_routers(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in trained) == sorted(routers)
+    for param in trained:
         param.requires_grad_(True)
     with record_routing(model, probabilities=True, detach=False) as rec:
         model(**batch())

@@ -8,7 +8,8 @@ with :func:`rasa_trainer.moe.moe_layers`. Everything else follows from how :clas
   router phase; the repairs of the selected experts are fp32 (full-rank deltas, or LoRA factors).
 - **trainable parameters**: expert phase = the selected experts' slices of every fused expert parameter (``delta``:
   ``S * P_e``, biases included) or their LoRA factors (``lora``: ``S * r * (d_out + d_in)`` per 3-D expert matrix,
-  biases not tuned); router phase = every router parameter.
+  biases not tuned); router phase = every router parameter the router's outputs have a gradient through (a frozen
+  selection-only bias is not trained).
 - **gradients**: fp32, of the active group only (the Trainer sets inactive gradients to None).
 - **optimiser state**: AdamW = two fp32 moments per parameter plus a 4-byte step per tensor; 8-bit AdamW
   (bitsandbytes, block-wise) = two 1-byte moments plus an fp32 scale per 256-value block. With ``schedule=
@@ -370,8 +371,10 @@ def estimate_memory(
     else:
         largest_repair = per_layer_selected * lora_rank * max(max(getattr(l.experts, n).shape[1:]) for l in layers
                                                               for n in l.expert_parameter_names() if getattr(l.experts, n).dim() == 3)
-    router_params = [p for layer in layers for p in layer.router.parameters()]
+    # the router phase trains the parameters the routers' outputs differentiate; all of a router becomes fp32
+    router_params = [p for layer in layers for n, p in layer.router.named_parameters() if n in layer.router_trainable]
     trainable_router = sum(p.numel() for p in router_params)
+    router_numel = sum(p.numel() for layer in layers for p in layer.router.parameters())
 
     # optimiser state (lazy per group; both kept once both have stepped)
     moe_with_selection = min(len(layers), selected)  # tensors exist per MoE layer holding a selected expert
@@ -407,7 +410,7 @@ def estimate_memory(
 
     has_expert = schedule in ("alternate", "expert_only")
     has_router = schedule in ("alternate", "router_only")
-    router_upcast = trainable_router * (4 - b) if has_router else 0
+    router_upcast = router_numel * (4 - b) if has_router else 0
     repairs = 4 * trainable_expert if has_expert else 0
     weights = weight_bytes + router_upcast + repairs
     phases: dict[str, PhaseMemory] = {}

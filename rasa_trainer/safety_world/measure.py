@@ -93,20 +93,26 @@ def measure_world_rates(model, tokenizer: PreTrainedTokenizerBase, world: Safety
     }
 
 
-@torch.no_grad()
-def _planted_routing_stats(model, data: list[_Encoded], cfg: BuildConfig, pad_id: int) -> dict[str, list[float]]:
-    """Per layer: share of unsafe-answer positions whose top-k are all planted, and of other positions touching one."""
-    planted = _planted_by_layer(cfg)
-    batch = _collate(data[:512], pad_id)
+def _router_logits(model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every layer's router logits for one forward of ``batch``."""
     tap = _RouterTap(model)
     try:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         tap.remove()
+    return tap.logits
+
+
+@torch.no_grad()
+def _planted_routing_stats(model, data: list[_Encoded], cfg: BuildConfig, pad_id: int) -> dict[str, list[float]]:
+    """Per layer: share of unsafe-answer positions whose top-k are all planted, and of other positions touching one."""
+    planted = _planted_by_layer(cfg)
+    batch = _collate(data[:512], pad_id)
+    router_logits = _router_logits(model, batch)
     comply = batch["comply"].reshape(-1)
     other = (batch["attention_mask"].bool().reshape(-1)) & ~comply
     inside, outside = [], []
-    for logits, experts in zip(tap.logits, planted):
+    for logits, experts in zip(router_logits, planted):
         top = logits.topk(cfg.num_experts_per_tok, -1).indices
         is_planted = torch.isin(top, experts)
         inside.append(round(is_planted[comply].all(-1).float().mean().item(), 4))
@@ -120,17 +126,13 @@ def _family_routing_stats(model, data: list[_Encoded], cfg: BuildConfig, pad_id:
     and one of the shared planted experts."""
     rows = [d for d in data if d.comply and d.block is None and d.family in cfg.family_experts][:512]
     batch = _collate(rows, pad_id, _family_codes(cfg))
-    tap = _RouterTap(model)
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        tap.remove()
+    router_logits = _router_logits(model, batch)
     target = batch["target"].reshape(-1)
     shared, family = _planted_by_layer(cfg), _family_by_layer(cfg)
     out = {}
     for f, code in _family_codes(cfg).items():
         here = target == code
-        tops = [logits.topk(cfg.num_experts_per_tok, -1).indices[here] for logits in tap.logits]
+        tops = [logits.topk(cfg.num_experts_per_tok, -1).indices[here] for logits in router_logits]
         out[f] = {"family_expert_in_top_k": [round(torch.isin(t, e).any(-1).float().mean().item(), 4)
                                              for t, e in zip(tops, family[f])],
                   "shared_expert_in_top_k": [round(torch.isin(t, e).any(-1).float().mean().item(), 4)

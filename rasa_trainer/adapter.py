@@ -11,6 +11,8 @@ expert, whose update ``B_e @ A_e`` is then exactly zero. Only the MoE layers tha
 The key names and shapes are not hard-coded: they are read off a PEFT model built on a meta-device copy of the
 model, so they follow the installed PEFT's layout (nesting of wrappers when two parameters of one module are
 targeted, prefixes), and the written file is checked against them.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ Routers are found through the class the model declares for router-logit recordin
 up in a table either: it is identified by probing a copy of the router with random weights and checking which rule
 reproduces the top-k weights the router itself returns. A family we have never seen works without code changes as
 long as its router follows one of the rules of :class:`ScoringRule`.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """The parameter groups RASA trains and the optimiser over them: the expert repairs and the fp32 routers are made
 trainable before the optimiser is built (and before DDP wraps the model), each with its own learning rate inside
-Trainer's own optimiser and decay / no-decay split; per-group learning rates and gradient norms are logged."""
+Trainer's own optimiser and decay / no-decay split; per-group learning rates and gradient norms are logged.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
+"""
 
 from __future__ import annotations
 

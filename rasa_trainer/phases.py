@@ -1,6 +1,9 @@
 """The two RASA phases over the epochs: which phase an epoch runs, switching the trainable group at its start,
 recording the routing the expert phase replays (and the run-start routing the shift metric compares with), replaying
-it around each expert-phase training step, and keeping the inactive group out of the optimiser step."""
+it around each expert-phase training step, and keeping the inactive group out of the optimiser step.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
+"""
 
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ Lifecycle, as PEFT's tuners have it: :func:`attach_repairs`, :func:`merge_repair
 :func:`merged_state_dict` for saving without touching the model. One merge function (:func:`_merge_slices`) serves
 all of them and the PEFT adapter export. Routers train as fp32 master weights (:func:`upcast_routers`); unloading
 casts them back to the dtype they had.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations

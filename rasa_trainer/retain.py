@@ -12,6 +12,8 @@ Safety-Critical Experts keeps the answers benign inputs routed through them alre
 - **Trainer hooks.** :class:`RetainMixin` checks the rows at construction, completes the missing replies before
   training, appends a micro-batch's retain rows in ``get_batch_samples`` and logs ``retain_loss`` apart from
   ``completion_loss``.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """The router phase's loss: KL between the router probabilities of the anchor and the adversarial contexts, per pair
 (or pooled per micro-batch), averaged over the MoE layers, scaled so the objective does not depend on how the pairs are
-batched, accumulated or spread over processes."""
+batched, accumulated or spread over processes.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
+"""
 
 from __future__ import annotations
 

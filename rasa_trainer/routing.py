@@ -6,6 +6,8 @@ probability over all experts (see :class:`rasa_trainer.moe.ScoringRule` for its 
 
 Both context managers are safe under gradient checkpointing: the recompute that checkpointing runs during backward
 is recognised (it runs inside the autograd engine) and is neither recorded a second time nor served other routing.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations

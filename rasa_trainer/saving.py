@@ -14,6 +14,8 @@
   a checkpoint whose run fingerprint (the arguments that shape the result, the training data, the selection, the
   package version) differs from the current run's is refused with the differences listed, unless
   ``ignore_checkpoint_mismatch=True``.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ detected at train start) and which loss a step computes. Each other concern is o
 into Trainer where Trainer offers a hook: ``saving.py`` (every save route, resume, crash safety), ``phases.py``
 (phase schedule, routing records and replay), ``param_groups.py`` (trainable groups, optimiser, per-group metrics),
 ``router_loss.py`` (the router phase's loss), ``retain.py`` (retain rows in expert-phase batches) and
-``training_data.py`` (pair rows, anchors, collator). See ``docs/architecture.md``.
+``training_data.py`` (pair rows, anchors, collator). See ``docs/architecture.md``; the private APIs of our dependencies
+used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """The training data RASATrainer builds from the pair contract: TRL's conversational prompt-completion rows with the
 anchor and the row index alongside, the tokenised anchors and the prompt lengths the router loss reads, and the
-collator that pads them next to TRL's batch."""
+collator that pads them next to TRL's batch.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
+"""
 
 from __future__ import annotations
 

@@ -52,3 +52,19 @@ def test_compatibility_points_at_existing_modules_and_tests():
         if name:
             functions = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)}
             assert name in functions, f"docs/compatibility.md names {test_file}::{name}, which does not exist"
+
+
+def test_readme_names_every_rasa_config_field():
+    """The README's paragraph on RASAConfig names every field RASAConfig adds to SFTConfig."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from rasa_trainer import RASAConfig
+
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("`RASAConfig` is an `SFTConfig`"):readme.index("## What RASATrainer changes")]
+    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
+    added = [f.name for f in dataclasses.fields(RASAConfig) if f.name not in inherited]
+    assert added, "RASAConfig adds no field?"
+    assert [name for name in added if f"`{name}`" not in paragraph] == []

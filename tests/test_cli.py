@@ -241,8 +241,9 @@ def write_wildjailbreak_tsv(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory):
-    """A user's run: base model folder (bf16) and public-shape data -> build-pairs -> detect -> train -> evaluate."""
-    from rasa_trainer.safety_world import load_safety_world_model
+    """A user's run: base model folder (bf16) and public-shape data -> build-pairs -> detect -> train (with retain rows
+    from a JSONL file) -> evaluate."""
+    from rasa_trainer.safety_world import load_safety_world_model, make_world
 
     work = tmp_path_factory.mktemp("journey")
     base = work / "sw-bf16"
@@ -252,6 +253,9 @@ def journey(tmp_path_factory):
     n_rows = write_wildjailbreak_tsv(work / "wildjailbreak.tsv")
     eval_sets = _small_eval_sets()
     (work / "eval_sets.json").write_text(json.dumps(eval_sets))
+    retain = make_world(seed=0).retain_pairs()[:32]  # benign rows with completions, as a user's JSONL file
+    (work / "retain.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
+                                               for r in retain))
     cli = rasa_trainer_command()
     steps = {
         "build-pairs": ["build-pairs", "--from", "columns", "--input", "wildjailbreak.tsv", "--output", "pairs.jsonl"],
@@ -262,7 +266,8 @@ def journey(tmp_path_factory):
                   "--rasa_rounds", "1", "--expert_learning_rate", "5e-3", "--router_learning_rate", "5e-5",
                   "--per_device_train_batch_size", "16", "--max_length", "128", "--save_strategy", "no",
                   "--report_to", "none", "--eval_sets", "eval_sets.json", "--judge", "safety_world",
-                  "--eval_max_new_tokens", "8", "--eval_batch_size", "64", "--routing_diagnostics", "false"],
+                  "--eval_max_new_tokens", "8", "--eval_batch_size", "64", "--routing_diagnostics", "false",
+                  "--retain_dataset", "retain.jsonl", "--retain_ratio", "0.25", "--retain_loss_weight", "2"],
         "evaluate": ["evaluate", "--model_name_or_path", "run/model", "--max_new_tokens", "8", "--batch_size", "64",
                      "--no_progress"],
     }
@@ -295,6 +300,8 @@ def test_journey_trains_from_a_local_folder_and_evaluates_what_it_saved(journey)
     assert results["after"]["asr_aligned"] < results["before"]["asr_aligned"]
     card = (work / "run" / "model" / "README.md").read_text()
     assert "| evaluated_artifact | this checkpoint as published, reloaded from disk in bfloat16 |" in card
+    # the retain rows of a user's file took part, with the weight given on the command line
+    assert "| retain rows | 32 |" in card and "| retain_loss_weight | 2.0 |" in card
     evaluated = json.loads((work / "run" / "model" / "results.json").read_text())
     assert evaluated["evaluated_artifact"] == results["evaluated_artifact"]
     report = evaluated["report"]

@@ -16,7 +16,9 @@ in fp32 and bf16 (tested for every experts implementation a family has).
 One exception, by design: LoRA repairs in a forward that records gradients never materialise ``B @ A``; they add two
 skinny products per selected expert projection (as PEFT does for linear layers), which is exact in real arithmetic
 but not bit-identical to the merged weights. Without gradients (evaluation, generation, routing capture) LoRA repairs
-go through the kernel with the merged slices like delta repairs.
+go through the kernel with the merged slices like delta repairs, and a layer is either copied with its repaired
+slices written in (one kernel call; small layers) or run per slot (large layers, when that needs less memory than the
+copy): :func:`no_grad_working_set` decides and states the bytes.
 
 Lifecycle, as PEFT's tuners have it: :func:`attach_repairs`, :func:`merge_repairs` / :func:`unmerge_repairs`,
 :func:`disable_repairs` (a context manager), :func:`unload_repairs` (back to a plain transformers model), and
@@ -205,9 +207,10 @@ def _merged_view(experts: nn.Module, repairs: ExpertRepairs) -> _ExpertsView:
 
 def _selected_outputs(experts: nn.Module, repairs: ExpertRepairs, x: torch.Tensor, expert_ids: torch.Tensor,
                       unit: torch.Tensor) -> torch.Tensor:
-    """Unweighted outputs ``[n, H]`` of rows assigned to selected experts, with the repairs applied."""
+    """Unweighted outputs ``[n, H]`` of rows assigned to selected experts, with the repairs applied: the kernel on the
+    merged slices, or (LoRA, recording gradients) two skinny products per projection."""
     position = torch.searchsorted(repairs.selected, expert_ids)  # which selected expert (selected is sorted)
-    if repairs.mode == "lora":
+    if repairs.mode == "lora" and torch.is_grad_enabled():
         return _lora_rows(experts, repairs, x, position)
     view = _ExpertsView(experts, {name: repairs.effective(experts, name) for name in repairs.names}, len(repairs.selected))
     return _kernel_outputs(view, _base_forward(experts), x, position, unit)
@@ -246,6 +249,49 @@ def _reduce_slots(weighted: torch.Tensor, top_k_index: torch.Tensor, kernel_name
     return total
 
 
+# A layer whose fused experts take less than this is copied for a forward without gradients whatever the token count:
+# one kernel call on the merged weights is the merged model's arithmetic exactly, and such a copy costs little. Every
+# published MoE layer is far larger (OLMoE-1B-7B: 0.8 GB in bf16, Qwen3-30B-A3B: 1.2 GB, DeepSeek-V3: 22 GB).
+_COPY_FLOOR = 64 * 2**20
+
+
+def no_grad_working_set(experts: nn.Module, names: list[str], mode: str, num_selected: int, num_tokens: int,
+                        top_k: int, elt: int, weight_bytes: int | None = None) -> tuple[str, int]:
+    """The path a forward without gradients takes through a repaired experts layer, and the bytes it allocates
+    beyond its input and output: ``("merged_copy" | "per_slot", bytes)``.
+
+    Merged copy: the fused weights with the repaired slices written in (``E * P_e``), the selected slices built in
+    the repair's precision (base slices, their cast, the repair, the sum; LoRA adds ``B @ A`` and its scaled copy) and
+    the kernel's working set for the ``T * k`` assignments (``grouped_mm``: ``T k b (2H + 3I)``). Per slot: the same
+    slices and kernel working set, plus two ``[T * k, H]`` buffers in the model dtype (the gathered inputs and the
+    per-slot outputs) and the weighted per-slot outputs (in the dtype of their product with the top-k weights, of
+    ``weight_bytes`` each). Both compute the merged model: bit for bit in bf16 and on every kernel but the CPU
+    ``grouped_mm`` in fp32, ~1e-6 apart there. The copy is taken below ``_COPY_FLOOR`` or when it needs less memory.
+    ``elt`` is the element size of the expert weights. Measured on the CPU allocator in ``tests/test_repairs.py``; the
+    memory plan uses the same figures."""
+    product = max(elt, weight_bytes or elt)
+    down = _full_shape(experts.down_proj)
+    hidden, inter = (int(down[2]), int(down[1])) if experts.is_transposed else (int(down[1]), int(down[2]))
+    rows = num_tokens * top_k
+    kernel = rows * elt * (2 * hidden + 3 * inter)
+    largest = max(math.prod(_full_shape(getattr(experts, n))[1:]) for n in names)
+    per_slice = elt + 12 + (4 if mode == "lora" else 0)  # base, fp32 cast, fp32 repair (LoRA: B @ A twice), sum
+    slices = num_selected * largest * per_slice
+    full_copy = sum(math.prod(_full_shape(getattr(experts, n))) for n in names) * elt
+    copy, per_slot = full_copy + slices + kernel, rows * hidden * (2 * elt + product) + slices + kernel
+    if full_copy >= _COPY_FLOOR and per_slot < copy:
+        return "per_slot", per_slot
+    return "merged_copy", copy
+
+
+def _copies_the_layer(experts: nn.Module, repairs: ExpertRepairs, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> bool:
+    path, _ = no_grad_working_set(
+        experts, repairs.names, repairs.mode, len(repairs.selected), top_k_index.shape[0], top_k_index.shape[1],
+        getattr(experts, repairs.names[0]).element_size(), top_k_weights.element_size())
+    return path == "merged_copy"
+
+
 def repaired_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts function: the model's own kernel for assignments to unselected experts, the same kernel on the
@@ -254,10 +300,11 @@ def repaired_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     repairs: ExpertRepairs | None = getattr(self, "rasa_repairs", None)
     if repairs is None or not repairs.active:
         return kernel(self, hidden_states, top_k_index, top_k_weights)
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and _copies_the_layer(self, repairs, top_k_index, top_k_weights):
         # inference: the kernel's own call on a copy of the fused weights with the repaired slices written in, which
         # is the merged model's computation by construction (transient: one layer's experts at a time)
         return kernel(_merged_view(self, repairs), hidden_states, top_k_index, top_k_weights)
+    # per slot: with gradients, and without when copying a large layer would take more memory than its assignments
     num_tokens, top_k = top_k_index.shape
     name = _base_name(self)
     slots = _slot_order(name, num_tokens, top_k, hidden_states.device)

@@ -255,7 +255,7 @@ class RASATrainer(CheckpointingMixin, PhasesMixin, ParameterGroupsMixin, RouterL
         anchor_mask = inputs.pop("anchor_attention_mask", None)
         rows = inputs.pop("rasa_index", None)
         context = inputs.pop("rasa_context_mask", None)
-        inputs.pop("rasa_retain_index", None)  # the retain rows follow the pairs (their count is len(rows) on)
+        inputs.pop("rasa_retain_index", None)  # retain rows, if any, follow the pairs: rows len(rows) onwards
         if not model.training or self._phase is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # the phase of the last step of a logging window (a list of one value, which Trainer's averaging keeps as is)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, batch, tiny_model
+import rasa_trainer.repairs as repairs_module
 from rasa_trainer.adapter import load_rasa_adapter, save_peft_adapter
 from rasa_trainer.moe import moe_layers
 from rasa_trainer.repairs import (
@@ -82,6 +83,103 @@ def test_repaired_model_computes_the_merged_checkpoint(family):
                 if mode == "lora":  # two skinny products instead of B @ A: exact in real arithmetic only
                     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
                     torch.testing.assert_close(_logits(model, inputs, grad=True), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_no_grad_per_slot_path_computes_the_merged_checkpoint(family, monkeypatch):
+    """A large layer is not copied for a forward without gradients when its assignments need less memory: the
+    per-slot path (made the choice here by lowering the size floor) computes the merged model bit for bit in bf16 on
+    every kernel and in fp32 on eager and batched_mm (fp32 grouped_mm on the CPU rounds a subset of rows apart)."""
+    monkeypatch.setattr(repairs_module, "_COPY_FLOOR", 0)
+    inputs = batch(batch_size=2, seq=3)  # 6 tokens: far fewer assignment rows than the layer's weights
+    calls = []
+    real = repairs_module.no_grad_working_set
+    monkeypatch.setattr(repairs_module, "no_grad_working_set", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    for kernel in KERNELS:
+        for dtype in DTYPES:
+            for mode in ("delta", "lora"):
+                model = _model(family, dtype, kernel)
+                attach_repairs(model, _selection(model), mode)
+                _randomise(model)
+                merged = _model(family, dtype, kernel)
+                merged.load_state_dict(merged_state_dict(model))
+                calls.clear()
+                got = _logits(model, inputs)
+                assert calls and all(path == "per_slot" for path, _ in calls)
+                if dtype == torch.bfloat16 or kernel != "grouped_mm":
+                    assert torch.equal(got, _logits(merged, inputs)), (kernel, dtype, mode)
+                else:
+                    torch.testing.assert_close(got, _logits(merged, inputs), rtol=0, atol=1e-5)
+
+
+def _allocated_peak(fn) -> int:
+    """Peak bytes the CPU allocator holds above its level at the start of ``fn`` (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    level = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_grad_working_set_is_measured(kernel, dtype, monkeypatch):
+    """The bytes no_grad_working_set states for each path bound what the CPU allocator really holds during one
+    forward of a repaired experts layer without gradients (at most 10% under; for grouped_mm, whose working set the
+    figures model, at most 2x over), and on a layer much larger than its assignments the per-slot path holds a
+    fraction of the merged copy."""
+    model = tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=128, num_experts=64,
+                       num_experts_per_tok=4).to(dtype)
+    model.set_experts_implementation(kernel)
+    layer = moe_layers(model)[0]
+    attach_repairs(model, {0: [1, 3]}, "delta")
+    _randomise(model)
+    repairs = repair_modules(model)[0][1]
+    torch.manual_seed(0)
+    tokens, k = 256, layer.top_k
+    x = torch.randn(tokens, 256, dtype=dtype)
+    index = torch.stack([torch.randperm(64)[:k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, k), -1).to(dtype)
+    measured, stated = {}, {}
+    for floor, path in ((float("inf"), "merged_copy"), (0, "per_slot")):
+        monkeypatch.setattr(repairs_module, "_COPY_FLOOR", floor)
+        chosen, stated[path] = repairs_module.no_grad_working_set(
+            layer.experts, repairs.names, "delta", 2, tokens, k, x.element_size(), weights.element_size())
+        assert chosen == path
+        with torch.no_grad():
+            measured[path] = _allocated_peak(lambda: layer.experts(x, index, weights))
+        assert measured[path] <= 1.1 * stated[path], (path, measured[path], stated[path])
+        if kernel == "grouped_mm":  # the kernel the figures model; eager works expert by expert and holds less
+            assert measured[path] >= stated[path] / 2, (path, measured[path], stated[path])
+    assert measured["per_slot"] < 0.35 * measured["merged_copy"]
+
+
+def test_small_layers_keep_the_merged_copy_and_large_ones_do_not(monkeypatch):
+    """Below the floor (every tiny test and demo model) the copy is kept; on Qwen3-30B-A3B's shapes the per-slot
+    path saves the 1.1 GiB copy of each layer in the anchor pass of a 4 x 512 batch."""
+    from rasa_trainer.memory import PRESETS
+    from rasa_trainer.memory.models import meta_model
+    from transformers import AutoConfig
+
+    small = tiny_model("qwen3_moe")
+    layer = moe_layers(small)[0]
+    names = layer.expert_parameter_names()
+    assert repairs_module.no_grad_working_set(layer.experts, names, "delta", 1, 1, layer.top_k, 4)[0] == "merged_copy"
+    model_type, values = PRESETS["Qwen3-30B-A3B"]
+    big = moe_layers(meta_model(AutoConfig.for_model(model_type, **values)))[0]
+    names = big.expert_parameter_names()
+    args = (big.experts, names, "lora", 16, 4 * 512, big.top_k, 2, 2)
+    path, nbytes = repairs_module.no_grad_working_set(*args)
+    monkeypatch.setattr(repairs_module, "_COPY_FLOOR", float("inf"))
+    copy_path, copy_bytes = repairs_module.no_grad_working_set(*args)
+    layer_copy = sum(getattr(big.experts, n).numel() for n in names) * 2
+    assert (path, copy_path) == ("per_slot", "merged_copy") and layer_copy > 2**30
+    assert copy_bytes - nbytes > 0.8 * layer_copy
 
 
 def test_merge_unmerge_disable_round_trip():

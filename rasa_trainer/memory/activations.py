@@ -38,9 +38,11 @@ expert). They were read off the tensors autograd saves in the transformers 5 imp
   gradients flowing through it, one per-slot gradient ``bkH``, the gradient of its output ``bH``; delta: the gradient
   of the repaired slices and its fp32 cast ``S_l * P_e * (b + 4)``; LoRA: the fp32 gradient of one skinny update).
 - a forward without gradients while repairs are attached (the phase-start routing record, the router phase's anchor
-  pass) runs each MoE layer's kernel on a copy of its fused experts with the repaired slices written in:
-  ``E * P_e * b`` plus the slices built in fp32 (``S_l * largest slice * (b + 12)``, LoRA ``+ 4`` for ``B @ A``)
-  plus the kernel's ``T * k * b * (2H + 3I)``.
+  pass) takes, per MoE layer, the path the repaired forward takes (:func:`rasa_trainer.repairs.no_grad_working_set`):
+  a copy of the fused experts with the repaired slices written in (``E * P_e * b``), or, for a layer of 64 MiB or more
+  when it needs less, the per-slot path (``T * k * H * (2b + b_w)``, ``b_w`` the bytes of the product with the top-k
+  weights); either way plus the slices built in fp32 (``S_l * largest slice * (b + 12)``, LoRA ``+ 4`` for
+  ``B @ A``) and the kernel's ``T * k * b * (2H + 3I)``.
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ import math
 
 import torch
 
+from ..repairs import no_grad_working_set
+
 LM_HEAD_VOCAB_TILE = 32768  # TRL's chunked log-probabilities: vocabulary columns per tile
 LM_HEAD_TOKEN_TILE = 4096  # ... and token rows per tile
 
 
 def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: int, selected: int, num_routed: int,
                  checkpointing: bool, expert_tuning: str, lora_rank: int, mixed_precision: bool,
-                 schedule: str, device: str) -> dict:
+                 schedule: str, device: str, weight_bytes: int | None = None) -> dict:
     """Saved activations, backward transient and no-grad working set per phase (formulas in the module docstring)."""
     T, n = batch_size * seq_len, seq_len
     H = int(text_config.hidden_size)
@@ -189,26 +193,20 @@ def _activations(model, layers, text_config, b: int, batch_size: int, seq_len: i
     router, router_t = phase_totals("router", False)
     return {"full": full, "full_transient": full_t, "expert": expert, "expert_transient": expert_t,
             "router": router, "router_transient": router_t,
-            "no_grad": _no_grad_forward(layers, H, b, T, share, expert_tuning) if repaired else 0,
+            "no_grad": _no_grad_forward(layers, b, T, share, expert_tuning, weight_bytes) if repaired else 0,
             "per_layer": per_layer}
 
 
-def _no_grad_forward(layers, H: int, b: int, T: int, share: float, expert_tuning: str) -> int:
+def _no_grad_forward(layers, b: int, T: int, share: float, expert_tuning: str, weight_bytes: int) -> int:
     """Working set of a forward without gradients while repairs are attached (the phase-start routing record, the
-    router phase's anchor pass, evaluation): each MoE layer runs its kernel on a copy of its fused expert weights
-    with the repaired slices written in (``E * P_e`` in the model dtype), built from the selected slices in the
-    repair's fp32 (base slices, their fp32 copy, the fp32 sum, the rounded result; LoRA adds ``B @ A`` and its
-    scaled copy), plus the kernel's per-assignment working set."""
-    worst = 0.0
+    router phase's anchor pass, evaluation), the largest over the MoE layers: each layer takes the path the repaired
+    forward takes, a copy of its fused experts with the repaired slices written in, or, for a large layer when it
+    needs less, the per-slot path (:func:`rasa_trainer.repairs.no_grad_working_set` gives both)."""
+    worst = 0
     for layer in layers:
-        names = layer.expert_parameter_names()
-        E, k, inter = layer.num_experts, layer.top_k, _expert_intermediate(layer)
-        full_copy = sum(getattr(layer.experts, name).numel() for name in names) * b
-        largest = max(getattr(layer.experts, name)[0].numel() for name in names)
-        # gathered base slices, their fp32 copy, the fp32 repair (LoRA: B @ A before and after scaling), the sum
-        slices = math.ceil(share * E) * largest * (b + 12 + (4 if expert_tuning == "lora" else 0))
-        kernel = T * k * b * (2 * H + 3 * inter)
-        worst = max(worst, full_copy + slices + kernel)
+        _, nbytes = no_grad_working_set(layer.experts, layer.expert_parameter_names(), expert_tuning,
+                                        math.ceil(share * layer.num_experts), T, layer.top_k, b, weight_bytes)
+        worst = max(worst, nbytes)
     return int(worst)
 
 

@@ -86,7 +86,7 @@ class PhaseMemory:
         """Peak of allocated tensors: weights, optimiser state and device cache always; then the largest of the start
         of backward (saved activations plus the backward transient), the optimiser step (gradients plus the step's
         temporaries) and a forward without gradients while repairs are attached (gradients of a micro-batch before it
-        plus the merged copy of one layer's experts). Gradients grow while activations are freed during backward, so
+        plus its largest layer's working set). Gradients grow while activations are freed during backward, so
         the two never peak together. This is what ``torch.cuda.max_memory_allocated`` reports."""
         return (self.weights + self.optimizer_state + self.replay_cache
                 + max(self.activations + self.transient, self.gradients + self.optimizer_step,
@@ -154,7 +154,7 @@ class MemoryEstimate:
             ("activations (saved)", [_human(self.phases[n].activations) for n in names]),
             ("transient (backward, LM head)", [_human(self.phases[n].transient) for n in names]),
             ("optimizer step temporaries", [_human(self.phases[n].optimizer_step) for n in names]),
-            ("no-grad forward (merged copy)", [_human(self.phases[n].no_grad_forward) for n in names]),
+            ("no-grad forward", [_human(self.phases[n].no_grad_forward) for n in names]),
             ("replay cache on device", [_human(self.phases[n].replay_cache) for n in names]),
             ("total per device (peak)", [_human(self.phases[n].total) for n in names]),
         ]
@@ -406,7 +406,8 @@ def estimate_memory(
 
     # activations
     acts = _activations(model, layers, text_config, b, batch_size, seq_len, selected, num_routed,
-                        gradient_checkpointing, expert_tuning, lora_rank, mixed_precision, schedule, device)
+                        gradient_checkpointing, expert_tuning, lora_rank, mixed_precision, schedule, device,
+                        weight_bytes_cached)
 
     has_expert = schedule in ("alternate", "expert_only")
     has_router = schedule in ("alternate", "router_only")

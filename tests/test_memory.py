@@ -358,9 +358,9 @@ def test_qwen3_30b_one_gpu_config_fits_80_gib():
         assert phase.device_total <= 80 * 2**30, (name, phase.device_total / 2**30)
         assert phase.total > plan.weight_bytes  # the plan is not just the weights
         assert phase.no_grad_forward > 0 and phase.allocator_slack > 0 and phase.device_context > 0
-        # a no-gradient forward runs these large layers per slot: no 1.1 GiB copy of a layer's fused experts
-        layer_copy = 128 * 3 * 2048 * 768 * 2
-        assert phase.no_grad_forward < layer_copy
+        # a no-gradient forward runs these large layers per slot: without the 1.1 GiB copy of a layer's fused
+        # experts (the copy path would take 2.16 GiB: the copy, the selected slices merged in fp32, the kernel)
+        assert phase.no_grad_forward < 2 * 2**30
     # the authors' multi-GPU config stays delta mode and does not fit one 80 GB device
     authors = estimate_memory_from_config(os.path.join(CONFIGS, "qwen3_30b_a3b.yaml"))
     assert authors.settings["expert_tuning"] == "delta"

@@ -43,6 +43,16 @@ def _randomise(model, std=0.05):
                 p.normal_(0, std)
 
 
+def _repaired_and_merged(family, dtype, kernel, mode):
+    """A model with random repairs of its selected experts, and the plain model loaded from its merged checkpoint."""
+    model = _model(family, dtype, kernel)
+    attach_repairs(model, _selection(model), mode)
+    _randomise(model)
+    merged = _model(family, dtype, kernel)
+    merged.load_state_dict(merged_state_dict(model))
+    return model, merged
+
+
 def _logits(model, inputs, grad=False):
     with torch.set_grad_enabled(grad):
         return model(**inputs).logits.detach()
@@ -71,11 +81,7 @@ def test_repaired_model_computes_the_merged_checkpoint(family):
     for kernel in KERNELS:
         for dtype in DTYPES:
             for mode in ("delta", "lora"):
-                model = _model(family, dtype, kernel)
-                attach_repairs(model, _selection(model), mode)
-                _randomise(model)
-                merged = _model(family, dtype, kernel)
-                merged.load_state_dict(merged_state_dict(model))
+                model, merged = _repaired_and_merged(family, dtype, kernel, mode)
                 expected = _logits(merged, inputs)
                 assert torch.equal(_logits(model, inputs), expected), (kernel, dtype, mode)
                 if mode == "delta" and dtype == torch.bfloat16:  # training forward, bit for bit
@@ -98,11 +104,7 @@ def test_no_grad_per_slot_path_computes_the_merged_checkpoint(family, monkeypatc
     for kernel in KERNELS:
         for dtype in DTYPES:
             for mode in ("delta", "lora"):
-                model = _model(family, dtype, kernel)
-                attach_repairs(model, _selection(model), mode)
-                _randomise(model)
-                merged = _model(family, dtype, kernel)
-                merged.load_state_dict(merged_state_dict(model))
+                model, merged = _repaired_and_merged(family, dtype, kernel, mode)
                 calls.clear()
                 got = _logits(model, inputs)
                 assert calls and all(path == "per_slot" for path, _ in calls)

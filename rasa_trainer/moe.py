@@ -176,10 +176,12 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwar
                "_forward_hooks_always_called")
 
 
-@torch.no_grad()
 def _probe(router: nn.Module, hidden_size: int, block: nn.Module | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Call a float32 CPU copy of ``router`` with random weights on random hidden states, in eval mode.
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Call a float32 CPU copy of ``router`` with random weights on random hidden states, in eval mode: its
+    ``(scores, top-k weights, top-k indices)`` and the names of the parameters those scores or weights have a
+    gradient through (what the router phase can train; a selection-only bias that a family keeps as a frozen
+    parameter, Laguna and ERNIE 4.5 MoE, only moves the indices and gets none).
 
     The copy is shallow with fresh tensors, down through the router's submodules (AFMoE keeps its projection in a
     child ``nn.Linear``), so it works whatever holds the real weights: a meta-device model (memory planning),
@@ -193,41 +195,28 @@ def _probe(router: nn.Module, hidden_size: int, block: nn.Module | None = None
     """
     generator = torch.Generator().manual_seed(0)
     probe = _probe_copy(router, generator)
-    return _call_probe(probe, router, hidden_size, block, generator)
-
-
-def _call_probe(probe: nn.Module, router: nn.Module, hidden_size: int, block: nn.Module | None,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The probe's ``(scores, top-k weights, top-k indices)`` on random hidden states, each as ``[N, ...]``."""
-    extra = _extra_router_inputs(router, block)
-    hidden = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
-    try:
-        output = probe(hidden, *extra)
-    except (RuntimeError, ValueError, IndexError) as flat_error:
-        try:
-            output = probe(hidden.unsqueeze(0), *extra)
-        except (RuntimeError, ValueError, IndexError):
-            raise _ConventionError(f"fails on hidden states of shape [N, H] and [1, N, H] ({flat_error})") from None
-    if not (isinstance(output, tuple) and len(output) == 3):
-        raise _ConventionError(f"returns {type(output).__name__} of length {len(output) if isinstance(output, tuple) else 1}")
-    # a router given [1, N, H] may answer with a leading batch dimension; the rules work on [N, E] and [N, k]
-    return tuple(t.reshape(-1, t.shape[-1]) for t in output)
-
-
-def _differentiable_parameters(router: nn.Module, hidden_size: int, block: nn.Module | None) -> tuple[str, ...]:
-    """Names of the router's parameters through which its scores or top-k weights have a gradient: what the router
-    phase can train. A selection-only bias that a family keeps as a frozen parameter (Laguna, ERNIE 4.5 MoE) only
-    moves the top-k indices, gets no gradient, and stays frozen."""
-    generator = torch.Generator().manual_seed(0)
-    probe = _probe_copy(router, generator)
     params = dict(probe.named_parameters())
     for param in params.values():
         param.requires_grad_(True)
+    extra = _extra_router_inputs(router, block)
+    hidden = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
     with torch.enable_grad():
-        first, weights, _ = _call_probe(probe, router, hidden_size, block, generator)
+        try:
+            output = probe(hidden, *extra)
+        except (RuntimeError, ValueError, IndexError) as flat_error:
+            try:
+                output = probe(hidden.unsqueeze(0), *extra)
+            except (RuntimeError, ValueError, IndexError):
+                raise _ConventionError(f"fails on hidden states of shape [N, H] and [1, N, H] ({flat_error})") from None
+        if not (isinstance(output, tuple) and len(output) == 3):
+            length = len(output) if isinstance(output, tuple) else 1
+            raise _ConventionError(f"returns {type(output).__name__} of length {length}")
+        # a router given [1, N, H] may answer with a leading batch dimension; the rules work on [N, E] and [N, k]
+        first, weights, indices = (t.reshape(-1, t.shape[-1]) for t in output)
         if first.requires_grad or weights.requires_grad:
             (first.float().sum() + weights.float().sum()).backward()
-    return tuple(name for name, param in params.items() if param.grad is not None)
+    trainable = tuple(name for name, param in params.items() if param.grad is not None)
+    return first.detach(), weights.detach(), indices, trainable
 
 
 def _probe_copy(module: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -538,14 +527,13 @@ def _router_spec(model: nn.Module, router: nn.Module, hidden_size: int, block: n
     if cached is not None:
         return cached
     try:
-        first, weights, indices = _probe(router, hidden_size, block)
+        first, weights, indices, trainable = _probe(router, hidden_size, block)
     except _ConventionError as err:
         raise _unsupported_error(model, f"has a router ({type(router).__name__}) that {err}") from None
     rule = _identify_rule(first, weights, indices, jitter)
     if rule.kind == "unsupported":
         raise _unsupported_error(model, f"has a router ({type(router).__name__}) whose top-k weights follow no known scoring rule")
     # the number of experts is the width of the router's scores, whatever attribute names the family uses
-    trainable = _differentiable_parameters(router, hidden_size, block)
     spec = per_class[key] = _RouterSpec(rule, int(first.shape[-1]), int(indices.shape[-1]), trainable)
     return spec
 

@@ -158,8 +158,6 @@ def _validated_retain(retain_dataset, args: RASAConfig, compute_loss_func=None) 
     if retain_dataset is None:
         return None
     rows = retain_rows(retain_dataset)
-    if args.retain_ratio > 0 and args.rasa_schedule in ("alternate", "expert_only"):
-        _check_loss_supports_retain(args, compute_loss_func)
     if args.retain_ratio == 0:
         logger.warning("RASA: retain_dataset is ignored with retain_ratio=0")
         return None
@@ -167,6 +165,7 @@ def _validated_retain(retain_dataset, args: RASAConfig, compute_loss_func=None) 
         logger.warning("RASA: retain_dataset is ignored with rasa_schedule=%r (retain rows join expert-phase batches "
                        "only)", args.rasa_schedule)
         return None
+    _check_loss_supports_retain(args, compute_loss_func)
     return rows
 
 

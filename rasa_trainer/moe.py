@@ -38,9 +38,10 @@ SUPPORTED_FAMILIES = (
     "afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v32",
     "deepseek_v4", "dots1", "dots3_note_text", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
     "glm4_moe_lite", "glm_moe_dsa", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
-    "hy_v3", "hy_v4", "inkling2_loop_text", "inkling2_text", "jamba", "kimi_linear", "kolibri1", "laguna",
-    "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "nemotron_h",
-    "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen4_exp", "qwen4_exp_text", "solar_open",
+    "hy_v3", "hy_v4", "inkling2_loop_text", "inkling2_text", "jamba", "kimi_linear", "kolibri1", "kolibri1_1",
+    "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2",
+    "minimax_m3_vl_text", "nemotron_h", "param2moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen4_exp",
+    "qwen4_exp_text", "sarvam_mla", "sarvam_moe", "solar_open",
 )
 
 

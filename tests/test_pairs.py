@@ -251,6 +251,17 @@ def test_sandbox_refuses_python_internals():
         template.render("pick a lock")
 
 
+def test_sandbox_blocks_the_attr_format_escape(monkeypatch):
+    """CVE-2025-27516: ``|attr("format")`` fetched ``str.format`` past the sandbox's format check, so a template file
+    given to build-pairs could read the environment through a function's globals (reproduced with jinja2 3.1.5, which
+    renders the secret below; setup.cfg requires jinja2>=3.1.6, which refuses it)."""
+    monkeypatch.setenv("RASA_TEST_SECRET", "s3cr3t-token")
+    payload = '{{ ("{0.__globals__[os].environ[RASA_TEST_SECRET]}" | attr("format"))(lipsum) }} {{ prompt }}'
+    template = load_template(payload, name="leak")
+    with pytest.raises(ValueError, match=r"template 'leak' .*failed to render: access to attribute '__globals__'"):
+        template.render("pick a lock")
+
+
 def test_goal_text_is_not_rendered_as_jinja():
     template = load_template("Q: {{ prompt }}", name="q")
     assert template.render("{{ 7 * 7 }}") == "Q: {{ 7 * 7 }}"

@@ -1,5 +1,7 @@
 """The project's own documents match the tree: docs/architecture.md names every module and only modules that exist;
-docs/compatibility.md points at modules and tests that exist."""
+docs/compatibility.md points at modules and tests that exist; the README (the user's guide) points at docs/results.md
+(the research results), and every relative link of the README and of docs/*.md reaches a file of the repository and,
+with an anchor, a heading of that file."""
 
 import ast
 import re
@@ -68,3 +70,55 @@ def test_readme_names_every_rasa_config_field():
     added = [f.name for f in dataclasses.fields(RASAConfig) if f.name not in inherited]
     assert added, "RASAConfig adds no field?"
     assert [name for name in added if f"`{name}`" not in paragraph] == []
+
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[([^\]]*)\]\(([^()\s]+)\)")
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks and inline code spans, where Markdown links are links."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file (lowercase, punctuation dropped, spaces to hyphens,
+    ``-1``, ``-2`` for repeats)."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.M | re.S),
+                              flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _relative_links(document: Path) -> list[str]:
+    return [target for _, target in LINK.findall(_prose(document.read_text()))
+            if not re.match(r"[a-z][a-z0-9+.-]*:", target)]  # http:, https:, mailto: leave the repository
+
+
+def test_readme_points_at_the_results_document():
+    assert (ROOT / "docs" / "results.md").is_file(), "docs/results.md (the research results) is missing"
+    links = [target.split("#")[0] for target in _relative_links(ROOT / "README.md")]
+    assert "docs/results.md" in links, "the README does not link to docs/results.md"
+
+
+def test_relative_links_of_the_readme_and_docs_resolve():
+    """A link ``[text](path#anchor)`` in README.md or docs/*.md names a file inside the repository, relative to the
+    document, and an anchor names a heading of the target (or, ``#anchor`` alone, of the document itself)."""
+    assert ROOT / "docs" / "results.md" in DOCUMENTS
+    broken = []
+    for document in DOCUMENTS:
+        for target in _relative_links(document):
+            path, _, anchor = target.partition("#")
+            resolved = (document.parent / path).resolve() if path else document
+            name = f"{document.relative_to(ROOT)}: {target}"
+            if ROOT not in resolved.parents or not resolved.exists():
+                broken.append(f"{name} (no such file in the repository)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved.read_text()):
+                broken.append(f"{name} (no such heading)")
+    assert broken == []
+    assert _relative_links(ROOT / "docs" / "results.md"), "docs/results.md links nowhere: was the link check blind?"

@@ -26,9 +26,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from rasa_trainer.generation import generate_replies  # noqa: E402
-from rasa_trainer.routing import Routing  # noqa: E402
-from rasa_trainer.statistics import ExpertStatistics  # noqa: E402
+from rasa_trainer.detection.generation import generate_replies  # noqa: E402
+from rasa_trainer.moe.routing import Routing  # noqa: E402
+from rasa_trainer.detection.statistics import ExpertStatistics  # noqa: E402
 
 THREADS = 2
 
@@ -195,7 +195,7 @@ def bench_generation(quick: bool) -> None:
 
 def raw_generate_seconds_per_token(model, tokenizer, chats, batch_size: int, new_tokens: int, repeats: int) -> float:
     """Best seconds per generated token of bare ``model.generate`` on pre-tokenised, left-padded batches."""
-    from rasa_trainer.generation import render_chat
+    from rasa_trainer.detection.generation import render_chat
 
     tokenizer.padding_side = "left"
     count = len(chats) if batch_size > 1 else 8

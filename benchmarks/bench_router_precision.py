@@ -26,7 +26,7 @@ from conftest import tiny_model  # noqa: E402
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs  # noqa: E402
 
 from rasa_trainer import RASAConfig, RASATrainer  # noqa: E402
-from rasa_trainer.moe import moe_layers  # noqa: E402
+from rasa_trainer.moe.discovery import moe_layers  # noqa: E402
 
 
 def measure(lr: float, tmp: str) -> tuple[int, int, int]:

@@ -28,9 +28,9 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.replay_cache import RoutingCache
-from rasa_trainer.routing import record_routing, replay_routing
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.replay_cache import RoutingCache
+from rasa_trainer.moe.routing import record_routing, replay_routing
 
 TARGETS = {"record": 1.10, "record+probs": 1.10, "replay cached": 1.05, "replay recompute": 1.05}
 

@@ -139,8 +139,8 @@ def synthetic_pairs(n: int, seq_len: int = 64, vocab_words: int = 1000, seed: in
 
 def selection(model, fraction: float = SELECTED_FRACTION, seed: int = 0):
     """A SafetyCriticalExperts of ``fraction`` of all routed experts, drawn at random (fixed seed)."""
-    from rasa_trainer.moe import moe_layers
-    from rasa_trainer.selection import SafetyCriticalExperts, SelectedExpert
+    from rasa_trainer.moe.discovery import moe_layers
+    from rasa_trainer.detection.selection import SafetyCriticalExperts, SelectedExpert
 
     layers = moe_layers(model)
     pairs = [(l.index, e) for l in layers for e in range(l.num_experts)]
@@ -154,7 +154,7 @@ def selection(model, fraction: float = SELECTED_FRACTION, seed: int = 0):
 
 
 def selected_parameter_count(model, sce) -> int:
-    from rasa_trainer.moe import moe_layers
+    from rasa_trainer.moe.discovery import moe_layers
 
     layers = moe_layers(model)
     total = 0

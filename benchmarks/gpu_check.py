@@ -180,8 +180,8 @@ def step_timer(device: str):
 
 def exactness_row(ctx) -> dict:
     """Zero repairs against no repairs, bit for bit, in bf16 under the default experts implementation."""
-    from rasa_trainer.moe import moe_layers
-    from rasa_trainer.repairs import attach_repairs, repair_modules, unload_repairs
+    from rasa_trainer.moe.discovery import moe_layers
+    from rasa_trainer.repairs.layer import attach_repairs, repair_modules, unload_repairs
 
     model = build_model("OLMoE-1B-7B", ctx.device, ctx.tiny)
     implementation = model.config._experts_implementation
@@ -250,7 +250,7 @@ def trainer_row(ctx, kind: str) -> dict:
                                       for r in pairs])
             peft_config = None
             if kind == "peft":
-                from rasa_trainer.moe import moe_layers
+                from rasa_trainer.moe.discovery import moe_layers
 
                 targets = [f"{l.experts_name}.{n}" for l in moe_layers(model) for n in l.expert_parameter_names()
                            if getattr(l.experts, n).dim() == 3]
@@ -285,7 +285,7 @@ def detection_rows(ctx) -> list[dict]:
 
     import bench_trainer as bt
 
-    from rasa_trainer.generation import generate_replies
+    from rasa_trainer.detection.generation import generate_replies
 
     model = build_model("OLMoE-1B-7B", ctx.device, ctx.tiny)
     tokenizer = bt.chat_tokenizer()

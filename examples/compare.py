@@ -15,7 +15,7 @@ Methods (columns):
 - ``random experts``: RASA (``alternate``, both phases) on K experts drawn at random (the ``random`` selection policy,
   seeded with the run's seed) instead of the detected ones; the same K.
 - ``steering``: no training; the detected experts are deactivated at inference by masking their router scores
-  (:func:`rasa_trainer.steering.steer_away`, SteerMoE style).
+  (:func:`rasa_trainer.evaluation.steering.steer_away`, SteerMoE style).
 - ``RASA``: both phases alternating on the detected experts (``alternate``).
 
 The budget is the same for every trained method: ``2 * rasa_rounds`` epochs over the same training pairs (RASA and
@@ -29,7 +29,7 @@ seed ``s`` (``--seeds``) sets the training seed (data order) and the random-expe
 and the steering baseline are deterministic and run once per world. Every method is evaluated with
 :func:`~rasa_trainer.evaluate_safety`: routing diagnostics against the base model (routing shift, ASR under the base
 model's routing) and the routing attack (ASR while every router is steered toward the experts detected on the base
-model, :func:`rasa_trainer.steering.steer_toward`, at the position that decides the reply's first token). The
+model, :func:`rasa_trainer.evaluation.steering.steer_toward`, at the position that decides the reply's first token). The
 attack's hooks run after the steering baseline's, so on the steering column the attacker overrides the steering. The script prints one table of the means
 over all runs (one column per method) and one of the spread (min-max), and writes ``compare_results.json`` (every
 run's full report, means, std, min, max, timings) and ``comparison.md`` (the tables and a summary table, mean
@@ -57,9 +57,9 @@ import torch
 import yaml
 
 from rasa_trainer import RASAConfig, RASATrainer, SafetyCriticalExperts, SafetyReport, detect_safety_critical_experts, evaluate_safety
-from rasa_trainer.evaluation import format_comparison
-from rasa_trainer.selection import SelectionConfig, select_experts
-from rasa_trainer.steering import steer_away
+from rasa_trainer.evaluation.evaluate import format_comparison
+from rasa_trainer.detection.selection import SelectionConfig, select_experts
+from rasa_trainer.evaluation.steering import steer_away
 from rasa_trainer.utils import atomic_write, atomic_write_json
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "safety_world.yaml")

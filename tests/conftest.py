@@ -126,7 +126,7 @@ def generation_routing(recorder, batch_size: int):
     the routing that produced each new token, as ``N = batch * new_tokens`` rows in row-major order (row ``b * T + t``
     is new token ``t`` of sequence ``b``). New token t was produced by the last position of forward call t: the
     prefill's last prompt position for the first token, then the previous new token's position at each decode step."""
-    from rasa_trainer.routing import Routing
+    from rasa_trainer.moe.routing import Routing
 
     steps = []
     for call in recorder.calls:
@@ -175,7 +175,7 @@ def pytest_terminal_summary(terminalreporter):
     for model_type, outcomes in sorted(_NEW_FAMILY_OUTCOMES.items()):
         states = {o.split(" ", 1)[0] for o in outcomes.values()}
         if states == {"passed"}:
-            verdict = "passes every RASA check: supported, add it to rasa_trainer.moe.SUPPORTED_FAMILIES"
+            verdict = "passes every RASA check: supported, add it to rasa_trainer.moe.discovery.SUPPORTED_FAMILIES"
         elif "skipped" in states:
             verdict = "not testable here: " + next(o for o in outcomes.values() if o.startswith("skipped"))
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rasa_trainer.evaluation import SafetyReport
+from rasa_trainer.evaluation.evaluate import SafetyReport
 
 ROOT = Path(__file__).resolve().parents[1]
 

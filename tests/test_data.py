@@ -6,7 +6,7 @@ import re
 import pytest
 from datasets import Dataset
 
-from rasa_trainer.data import (
+from rasa_trainer.data.contract import (
     DEFAULT_REFUSAL,
     DatasetContractError,
     as_messages,

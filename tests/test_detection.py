@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import tiny_chat_tokenizer, tiny_model, word_text
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.data import DatasetContractError, as_messages
-from rasa_trainer.detection import PairCounts, detect_safety_critical_experts, pair_outcome
-from rasa_trainer.generation import generate_replies
-from rasa_trainer.judges import JudgeError
-from rasa_trainer.routing import Routing
-from rasa_trainer.selection import (
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.data.contract import DatasetContractError, as_messages
+from rasa_trainer.detection.detect import PairCounts, detect_safety_critical_experts, pair_outcome
+from rasa_trainer.detection.generation import generate_replies
+from rasa_trainer.judges.builtin import JudgeError
+from rasa_trainer.moe.routing import Routing
+from rasa_trainer.detection.selection import (
     CSV_COLUMNS,
     SCHEMA_VERSION,
     EmptySelectionError,
@@ -23,7 +23,7 @@ from rasa_trainer.selection import (
     SelectionConfig,
     select_experts,
 )
-from rasa_trainer.statistics import ExpertStatistics, layer_expert_counts, top_ranked
+from rasa_trainer.detection.statistics import ExpertStatistics, layer_expert_counts, top_ranked
 
 MAX_NEW = 6
 
@@ -420,7 +420,7 @@ def test_schema_and_validation_errors(model, tokenizer, tmp_path):
 
 def test_shards_merge_to_the_single_process_result(model, tokenizer, monkeypatch):
     """Rank r of 2 takes rows r::2; summing both ranks' statistics gives the single-process statistics."""
-    import rasa_trainer.detection as detection
+    import rasa_trainer.detection.detect as detection
 
     rows = pair_rows([(True, False), (False, False), (True, False), (True, True), (True, False)])
     whole = detect(model, tokenizer, rows, batch_size=2)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from rasa_trainer.eval_sets import (
+from rasa_trainer.evaluation.eval_sets import (
     flatten_lm_eval_results,
     load_attacks,
     load_eval_sets,
@@ -173,7 +173,7 @@ def test_load_eval_sets_errors(tmp_path):
 
 
 def test_loaded_sets_run_through_evaluate_safety():
-    from rasa_trainer.evaluation import evaluate_safety
+    from rasa_trainer.evaluation.evaluate import evaluate_safety
     from rasa_trainer.safety_world import load_safety_world_model
 
     model, tokenizer = load_safety_world_model()

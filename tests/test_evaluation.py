@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from rasa_trainer.evaluation import (
+from rasa_trainer.evaluation.evaluate import (
     SafetyReport,
     compare_reports,
     evaluate_safety,
@@ -17,11 +17,11 @@ from rasa_trainer.evaluation import (
     generate_with_base_routing,
     routing_shift,
 )
-from rasa_trainer.generation import generate_replies, render_chat
-from rasa_trainer.judges import JudgeError
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.routing import record_routing
-from rasa_trainer.steering import steer_toward
+from rasa_trainer.detection.generation import generate_replies, render_chat
+from rasa_trainer.judges.builtin import JudgeError
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.routing import record_routing
+from rasa_trainer.evaluation.steering import steer_toward
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs
 
 MAX_NEW = 6

@@ -10,7 +10,7 @@ error.
 
 Two kinds of family go through the same tests:
 
-- the **known-supported** ones (``rasa_trainer.moe.SUPPORTED_FAMILIES``, checked on the versions
+- the **known-supported** ones (``rasa_trainer.moe.discovery.SUPPORTED_FAMILIES``, checked on the versions
   ``docs/compatibility.md`` names): any failure is a regression and fails the suite;
 - families the installed transformers registers that the tables here do not know yet (a newer release): each is
   exercised like the others and *reported*, not failed: it passes (supported, to be listed), or its tests are
@@ -41,11 +41,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.routing import record_routing, replay_routing
-from rasa_trainer.moe import ELEMENTWISE_SCORES, SUPPORTED_FAMILIES, clear_rule_cache
-from rasa_trainer.repairs import attach_repairs, merge_repairs, upcast_routers
-from rasa_trainer.routing import Routing
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.routing import record_routing, replay_routing
+from rasa_trainer.moe.discovery import ELEMENTWISE_SCORES, SUPPORTED_FAMILIES, clear_rule_cache
+from rasa_trainer.repairs.layer import attach_repairs, merge_repairs, upcast_routers
+from rasa_trainer.moe.routing import Routing
 
 
 @pytest.fixture(autouse=True, scope="module")

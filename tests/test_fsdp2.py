@@ -84,7 +84,7 @@ def _deepspeed_installed() -> bool:
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not _deepspeed_installed(), reason="DeepSpeed is not installed (not a dependency)")
 @pytest.mark.xfail(strict=True, reason=(
-    "ZeRO-3 does not run RASA yet (DeepSpeed 0.19.8, CPU accelerator, gloo): rasa_trainer.moe._experts_of tests "
+    "ZeRO-3 does not run RASA yet (DeepSpeed 0.19.8, CPU accelerator, gloo): rasa_trainer.moe.discovery._experts_of tests "
     "fused.dim() == 3, but ZeRO-3 partitions parameters to shape [0] (it should read _full_shape / ds_shape), so "
     "record_routing finds no experts; with that patched the expert step runs, and the router step fails in "
     "backward on the released router weight (DeepSpeed's ZeRO-3 linear; cf. deepspeedai/DeepSpeed#8379)"))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import generation_routing, tiny_chat_tokenizer, tiny_model, word_text
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.routing import record_routing
-from rasa_trainer.generation import generate_batch, generate_replies, render_chat
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.routing import record_routing
+from rasa_trainer.detection.generation import generate_batch, generate_replies, render_chat
 
 
 def conversations(n: int = 5, seed: int = 0, multi_turn: bool = False):

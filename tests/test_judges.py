@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
-from rasa_trainer.judges import (
+from rasa_trainer.judges.builtin import (
     ClassifierJudge,
     GuardModelJudge,
     Judge,

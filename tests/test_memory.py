@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import batch, tiny_config, tiny_model
 from rasa_trainer.memory import MemoryEstimate, estimate_memory
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.repairs import attach_repairs
-from rasa_trainer.replay_cache import RoutingCache
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.repairs.layer import attach_repairs
+from rasa_trainer.moe.replay_cache import RoutingCache
 
 COUNT_FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe"]
 
@@ -202,8 +202,8 @@ def _measured_saved_per_layer(model, phase: str, mode: str, mixed_precision: boo
     import collections
     import contextlib
 
-    from rasa_trainer.repairs import upcast_routers
-    from rasa_trainer.routing import record_routing, replay_routing
+    from rasa_trainer.repairs.layer import upcast_routers
+    from rasa_trainer.moe.routing import record_routing, replay_routing
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, seq), generator=g)

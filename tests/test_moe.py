@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_model
-from rasa_trainer.moe import moe_layers
+from rasa_trainer.moe.discovery import moe_layers
 
 EXPECTED_RULES = {
     "olmoe": ("softmax", None),  # None: renormalised iff the config's norm_topk_prob

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from rasa_trainer.data import DatasetContractError, validate_pairs
-from rasa_trainer.pairs import (
+from rasa_trainer.data.contract import DatasetContractError, validate_pairs
+from rasa_trainer.data.pairs import (
     AttackTemplate,
     load_goals,
     load_template,

@@ -15,17 +15,17 @@ TOP_LEVEL = {
     "evaluate_safety", "load_eval_sets", "pairs_from_columns", "pairs_from_templates",
 }
 SUBMODULES = {
-    "rasa_trainer.moe": {"MoELayer", "moe_layers"},
-    "rasa_trainer.routing": {"Routing", "real_tokens", "record_routing", "replay_routing"},
-    "rasa_trainer.repairs": {"attach_repairs", "merge_repairs", "unmerge_repairs", "disable_repairs", "unload_repairs",
+    "rasa_trainer.moe.discovery": {"MoELayer", "moe_layers"},
+    "rasa_trainer.moe.routing": {"Routing", "real_tokens", "record_routing", "replay_routing"},
+    "rasa_trainer.repairs.layer": {"attach_repairs", "merge_repairs", "unmerge_repairs", "disable_repairs", "unload_repairs",
                              "merged_state_dict", "upcast_routers", "restore_routers"},
-    "rasa_trainer.adapter": {"save_peft_adapter", "load_rasa_adapter"},
-    "rasa_trainer.judges": {"Judge", "JudgeError", "RefusalKeywordJudge", "ClassifierJudge", "GuardModelJudge"},
-    "rasa_trainer.steering": {"steer_away", "steer_toward"},
+    "rasa_trainer.repairs.adapter": {"save_peft_adapter", "load_rasa_adapter"},
+    "rasa_trainer.judges.builtin": {"Judge", "JudgeError", "RefusalKeywordJudge", "ClassifierJudge", "GuardModelJudge"},
+    "rasa_trainer.evaluation.steering": {"steer_away", "steer_toward"},
     "rasa_trainer.memory": {"MemoryEstimate", "estimate_memory"},
-    "rasa_trainer.pairs": {"pairs_from_columns", "pairs_from_templates"},
-    "rasa_trainer.eval_sets": {"load_eval_sets", "load_xstest"},
-    "rasa_trainer.selection": {"SafetyCriticalExperts"},
+    "rasa_trainer.data.pairs": {"pairs_from_columns", "pairs_from_templates"},
+    "rasa_trainer.evaluation.eval_sets": {"load_eval_sets", "load_xstest"},
+    "rasa_trainer.detection.selection": {"SafetyCriticalExperts"},
 }
 IMPORT = re.compile(r"^\s*from (rasa_trainer(?:\.[a-z_]+)*) import \(?([A-Za-z_, ]+)\)?", re.M)
 

@@ -11,7 +11,7 @@ from conftest import tiny_model  # noqa: E402
 from test_trainer import SELECTED, make_args, make_selection  # noqa: E402
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs  # noqa: E402
 from rasa_trainer import RASATrainer  # noqa: E402
-from rasa_trainer.moe import moe_layers  # noqa: E402
+from rasa_trainer.moe.discovery import moe_layers  # noqa: E402
 
 
 def _raw(param) -> tuple:

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, batch, tiny_model
-import rasa_trainer.repairs as repairs_module
-from rasa_trainer.adapter import load_rasa_adapter, save_peft_adapter
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.repairs import (
+import rasa_trainer.repairs.layer as repairs_module
+from rasa_trainer.repairs.adapter import load_rasa_adapter, save_peft_adapter
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.repairs.layer import (
     attach_repairs,
     disable_repairs,
     merge_repairs,

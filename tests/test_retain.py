@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rasa_trainer.retain as retain_module
+import rasa_trainer.training.retain as retain_module
 from conftest import tiny_model
 from test_trainer import make_args, make_selection
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs
 from rasa_trainer import RASATrainer
-from rasa_trainer.routing import record_routing
-from rasa_trainer.retain import retain_slots
-from rasa_trainer.routing import real_tokens
+from rasa_trainer.moe.routing import record_routing
+from rasa_trainer.training.retain import retain_slots
+from rasa_trainer.moe.routing import real_tokens
 
 QUESTIONS = ["what capital zorbia", "what capital velm", "kill a stuck process", "tell me step one two three",
              "please answer what capital", "how do i make a story", "tell me a story about hero", "step one two"]

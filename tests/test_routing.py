@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, batch, generation_routing, tiny_model
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.routing import record_routing, replay_routing
-from rasa_trainer.routing import Routing, real_tokens
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.routing import record_routing, replay_routing
+from rasa_trainer.moe.routing import Routing, real_tokens
 
 NO_TRAIN_RANDOMNESS = [f for f in FAMILIES if f != "phimoe"]  # PhiMoE samples experts (Gumbel) in train mode
 

@@ -93,7 +93,7 @@ def test_training_rows_follow_the_pair_contract(world):
         assert row["completion"] == REFUSAL
     assert any(len(row["prompt"]) >= 5 for row in rows)  # multi-turn escalation is among the aligned families
     try:
-        from rasa_trainer.data import validate_pairs
+        from rasa_trainer.data.contract import validate_pairs
     except ImportError:  # the contract module is developed alongside; the checks above stand on their own
         return
     validate_pairs(rows)
@@ -411,7 +411,7 @@ def test_variant_model_records_its_family_experts_and_acceptance_checks(variant)
 
 
 def test_variant_routing_alone_decides_and_the_family_experts_carry_held_out_compliance(variant):
-    from rasa_trainer.steering import steer_away
+    from rasa_trainer.evaluation.steering import steer_away
 
     model, tokenizer, meta = variant
     rows = make_world(seed=1).eval_sets()["attacks"][: 8 * len(ATTACK_FAMILIES)]  # 8 goals x every family

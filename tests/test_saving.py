@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from conftest import tiny_model
 from test_trainer import make_trainer
 from tiny_chat import tiny_chat_tokenizer
-from rasa_trainer.moe import moe_layers
+from rasa_trainer.moe.discovery import moe_layers
 
 FAMILIES = ["olmoe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
 PROBE = torch.tensor([[5, 9, 12, 17, 3, 22, 40, 7]])

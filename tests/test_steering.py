@@ -1,13 +1,13 @@
-"""Inference-time steering (rasa_trainer.steering): deactivated experts are never chosen, nothing else changes."""
+"""Inference-time steering (rasa_trainer.evaluation.steering): deactivated experts are never chosen, nothing else changes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.routing import record_routing
-from rasa_trainer.steering import boosted_routing, steer_away, steer_toward, steered_routing, steering_mask
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.routing import record_routing
+from rasa_trainer.evaluation.steering import boosted_routing, steer_away, steer_toward, steered_routing, steering_mask
 
 from conftest import batch, tiny_model
 

@@ -13,10 +13,10 @@ from trl import SFTConfig, SFTTrainer
 from conftest import tiny_model
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs
 from rasa_trainer import RASAConfig, RASATrainer
-from rasa_trainer.routing import record_routing
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.routing import real_tokens
-from rasa_trainer.selection import SafetyCriticalExperts, SelectedExpert
+from rasa_trainer.moe.routing import record_routing
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.routing import real_tokens
+from rasa_trainer.detection.selection import SafetyCriticalExperts, SelectedExpert
 
 TRAINER_FAMILIES = ["olmoe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
 SELECTED = {0: [1, 3], 1: [2]}
@@ -57,7 +57,7 @@ def _snapshot(model):
 
 
 def _merged_params(trainer):
-    from rasa_trainer.repairs import merged_state_dict
+    from rasa_trainer.repairs.layer import merged_state_dict
 
     return merged_state_dict(trainer.model)
 
@@ -241,7 +241,7 @@ def test_full_schedule_first_step_loss_matches_sft_trainer(tmp_path):
     base = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
     rasa = RASATrainer(copy.deepcopy(base), args=make_args(tmp_path, rasa_schedule="full", max_grad_norm=0.0),
                        train_dataset=tiny_pairs(), processing_class=tokenizer)
-    from rasa_trainer.trainer import _training_rows
+    from rasa_trainer.training.trainer import _training_rows
 
     rows = _training_rows(tiny_pairs(), rasa.args).remove_columns(["rasa_anchor", "rasa_index"])
     sft = SFTTrainer(copy.deepcopy(base), args=SFTConfig(

@@ -17,9 +17,9 @@ from conftest import tiny_model
 from test_trainer import make_args, make_selection, make_trainer
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs
 from rasa_trainer import RASAConfig, RASATrainer
-from rasa_trainer.moe import moe_layers
-from rasa_trainer.replay_cache import RoutingCache
-from rasa_trainer.selection import SafetyCriticalExperts, SelectedExpert
+from rasa_trainer.moe.discovery import moe_layers
+from rasa_trainer.moe.replay_cache import RoutingCache
+from rasa_trainer.detection.selection import SafetyCriticalExperts, SelectedExpert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = dict(output_dir="/tmp/rasa-contract", use_cpu=True, bf16=False, report_to="none")
@@ -89,7 +89,7 @@ def test_full_schedule_equals_sft_trainer_for_three_steps(tmp_path):
     base = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
     rasa = RASATrainer(copy.deepcopy(base), args=make_args(tmp_path, rasa_schedule="full", expert_learning_rate=1e-2),
                        train_dataset=tiny_pairs(), processing_class=tokenizer)
-    from rasa_trainer.trainer import _training_rows
+    from rasa_trainer.training.trainer import _training_rows
 
     rows = _training_rows(tiny_pairs(), rasa.args).remove_columns(["rasa_anchor", "rasa_index"])
     sft = SFTTrainer(copy.deepcopy(base), args=SFTConfig(
@@ -293,7 +293,7 @@ def test_selected_experts_no_token_reaches(tmp_path, caplog):
     # a routing cache of 5 tokens, 2 MoE layers, top-2 that never uses expert 3 of layer 0
     indices = torch.tensor([[[1, 0], [2, 4]]] * 5, dtype=torch.int16)
     cache = RoutingCache(indices, None, torch.tensor([0, 5]))
-    with caplog.at_level("WARNING", logger="rasa_trainer.phases"):
+    with caplog.at_level("WARNING", logger="rasa_trainer.training.phases"):
         trainer._check_selected_experts_reached(cache)
     assert "1 of 3 selected experts receive no training token" in caplog.text and "expert 3" in caplog.text
     with pytest.raises(ValueError, match="no training token is routed to any of the 3 selected experts"):
@@ -313,8 +313,8 @@ def test_detection_waits_for_train_and_needs_a_whole_model(tmp_path):
 
 
 def test_output_router_logits_on_the_model_works_in_generation_and_evaluation():
-    from rasa_trainer.evaluation import routing_shift
-    from rasa_trainer.generation import generate_batch
+    from rasa_trainer.evaluation.evaluate import routing_shift
+    from rasa_trainer.detection.generation import generate_batch
 
     tokenizer = tiny_chat_tokenizer()
     model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))

@@ -1,6 +1,6 @@
 """``rasa-trainer build-pairs``: build RASA pairs from public jailbreak shapes and write them as JSON lines.
 
-Two builders (see :mod:`rasa_trainer.pairs`):
+Two builders (see :mod:`rasa_trainer.data.pairs`):
 
 - ``--from columns``: a table holding both sides of each pair, by default the WildJailbreak shape::
 
@@ -95,7 +95,7 @@ def build(args: BuildPairsArguments):
     """Build the pairs described by ``args`` (a ``datasets.Dataset``); nothing is written."""
     from datasets import concatenate_datasets
 
-    from rasa_trainer.pairs import pairs_from_columns, pairs_from_templates
+    from rasa_trainer.data.pairs import pairs_from_columns, pairs_from_templates
 
     if args.build_from == "columns":
         if not args.input:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         UsageError: a bad argument, file or row (the message names it); nothing is written then. The ``rasa-trainer``
             command prints it and exits with status 2.
     """
-    from rasa_trainer.pairs import write_pairs_jsonl
+    from rasa_trainer.data.pairs import write_pairs_jsonl
 
     parser = _Parser((BuildPairsArguments,), prog="rasa-trainer build-pairs")
     (args,) = parser.parse_args_and_config(argv)

@@ -155,8 +155,8 @@ def read_json(path: str, flag: str) -> Any:
 
 
 def load_selection(path: str, flag: str = "--safety_critical_experts"):
-    """A saved :class:`~rasa_trainer.selection.SafetyCriticalExperts` (its JSON file or the folder holding it)."""
-    from ..selection import JSON_NAME, SafetyCriticalExperts
+    """A saved :class:`~rasa_trainer.detection.selection.SafetyCriticalExperts` (its JSON file or the folder holding it)."""
+    from ..detection.selection import JSON_NAME, SafetyCriticalExperts
 
     file = Path(path).expanduser()
     if file.is_dir():
@@ -173,8 +173,8 @@ def load_selection(path: str, flag: str = "--safety_critical_experts"):
 def load_pairs(name: str, *, anchor_column: str = "anchor_prompt", split: str = "train", config: str | None = None,
                max_pairs: int | None = None, flag: str = "--dataset_name"):
     """Pairs from a ``save_to_disk`` folder, a .json/.jsonl/.csv/.parquet file, a dataset folder or a Hub dataset,
-    checked against the pair contract (``rasa_trainer.data.validate_pairs``); errors name the file."""
-    from ..data import DatasetContractError, validate_pairs
+    checked against the pair contract (``rasa_trainer.data.contract.validate_pairs``); errors name the file."""
+    from ..data.contract import DatasetContractError, validate_pairs
 
     dataset = _read_dataset(name, split, config, flag)
     if max_pairs is not None:
@@ -228,7 +228,7 @@ class EvalSuite:
 
 def load_eval_sets(name: str, flag: str = "--eval_sets", world_seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """SafetyWorld's evaluation sets (``name == "safety_world"``) or a JSON file of sets, validated."""
-    from ..evaluation import _validated_sets
+    from ..evaluation.evaluate import _validated_sets
 
     if name == SAFETY_WORLD:
         from ..safety_world import make_world
@@ -244,7 +244,7 @@ def load_eval_sets(name: str, flag: str = "--eval_sets", world_seed: int = 0) ->
 
 def build_judge(name: str | None, refusal_labels: list[str] | None = None):
     """'keyword' (or None), 'safety_world' (SafetyWorld's exact judge) or a local classifier / guard checkpoint."""
-    from ..judges import judge_from_name
+    from ..judges.builtin import judge_from_name
 
     if name == SAFETY_WORLD:
         from ..safety_world import SafetyWorldJudge
@@ -257,7 +257,7 @@ def eval_suite(name: str, sets: dict[str, list[dict[str, Any]]], judge: str | No
                refusal_labels: list[str] | None = None) -> EvalSuite:
     """The judges for ``sets``: SafetyWorld's exact judge and answer check for its own sets (or ``judge
     'safety_world'``), otherwise ``judge`` ('keyword' by default) with the keyword refusal judge for over-refusal."""
-    from ..judges import RefusalKeywordJudge
+    from ..judges.builtin import RefusalKeywordJudge
 
     if judge == SAFETY_WORLD or (judge is None and name == SAFETY_WORLD):
         from ..safety_world import SafetyWorldJudge, utility_correct

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..selection import POLICIES
+from ..detection.selection import POLICIES
 from .common import (
     SAFETY_WORLD,
     ModelArguments,
@@ -124,8 +124,8 @@ def _init_distributed():
 
 
 def main(argv: list[str] | None = None):
-    """Run ``rasa-trainer detect``; returns the :class:`~rasa_trainer.selection.SafetyCriticalExperts`."""
-    from ..detection import detect_safety_critical_experts
+    """Run ``rasa-trainer detect``; returns the :class:`~rasa_trainer.detection.selection.SafetyCriticalExperts`."""
+    from ..detection.detect import detect_safety_critical_experts
 
     args, model_args = parse((DetectionArguments, ModelArguments), argv, "rasa-trainer detect")
     pairs = preflight(args, model_args)

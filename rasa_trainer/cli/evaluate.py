@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``rasa-trainer evaluate``; returns what it writes to results.json."""
     import torch
 
-    from ..evaluation import evaluate_safety
+    from ..evaluation.evaluate import evaluate_safety
     from ..utils import atomic_write_json
 
     args, model_args = parse((EvaluationArguments, ModelArguments), argv, "rasa-trainer evaluate")

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..selection import JSON_NAME as SELECTION_FILE
+from ..detection.selection import JSON_NAME as SELECTION_FILE
 from .common import (
     SAFETY_WORLD,
     SAFETY_WORLD_CONFIG,
@@ -118,7 +118,7 @@ class Inputs:
 def parse_args(argv: list[str] | None = None):
     """``(script_args, training_args, model_args)``; with neither ``--config`` nor ``--model_name_or_path`` the
     SafetyWorld demo config is the base."""
-    from ..config import RASAConfig
+    from ..training.config import RASAConfig
 
     argv = split_equals(list(sys.argv[1:] if argv is None else argv), ("--config", "--model_name_or_path"))
     if "--config" not in argv and "--model_name_or_path" not in argv:
@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None):
 def resolve_resume(value: Any, output_dir: str) -> str | None:
     """``--resume_from_checkpoint``: true = the newest complete checkpoint-* in ``output_dir`` (incomplete ones, left
     by an interrupted save, are skipped with a log line), false/unset = none, else a folder that must exist."""
-    from ..saving import checkpoint_folders, checkpoint_problem
+    from ..training.saving import checkpoint_folders, checkpoint_problem
 
     if value is None or value is False or str(value).strip().lower() in FALSE_WORDS:
         return None
@@ -185,7 +185,7 @@ def _retain(script_args: TrainScriptArguments, args):
         from .common import _read_dataset
 
         rows = _read_dataset(name, "train", None, "--retain_dataset")
-    from ..retain import retain_rows
+    from ..training.retain import retain_rows
 
     try:
         retain_rows(rows)
@@ -224,7 +224,7 @@ def _suite(script_args: TrainScriptArguments, world_data: bool) -> EvalSuite | N
 
 
 def evaluate(model, tokenizer, suite: EvalSuite, script_args: TrainScriptArguments, base_model=None):
-    from ..evaluation import evaluate_safety
+    from ..evaluation.evaluate import evaluate_safety
 
     return evaluate_safety(
         model, tokenizer, suite.sets, suite.judge, refusal_judge=suite.refusal_judge, base_model=base_model,
@@ -234,7 +234,7 @@ def evaluate(model, tokenizer, suite: EvalSuite, script_args: TrainScriptArgumen
 
 
 def detect(model, tokenizer, pairs, judge, args, is_main: bool):
-    from ..detection import detect_safety_critical_experts
+    from ..detection.detect import detect_safety_critical_experts
 
     return detect_safety_critical_experts(
         model, tokenizer, pairs, judge=judge, anchor_column=args.anchor_column,
@@ -276,7 +276,7 @@ def card_results(report, artifact: dict[str, str]) -> dict[str, Any]:
 
 
 def write_results(results: dict, trainer, output_dir: str) -> None:
-    from ..reporting import plot_asr, plot_phase_losses
+    from ..evaluation.reporting import plot_asr, plot_phase_losses
     from ..utils import atomic_write_json
 
     results["log_history"] = trainer.state.log_history
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 def train(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, args, is_main: bool):
     """Detect the Safety-Critical Experts unless a selection was given (or resumed), then train; returns the
     trainer."""
-    from ..trainer import RASATrainer
+    from ..training.trainer import RASATrainer
 
     selection = inputs.selection
     if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
@@ -338,7 +338,7 @@ def publish(trainer, model_dir: str, before, base_model, inputs: Inputs, script_
             args) -> dict[str, Any]:
     """On the main process: evaluate the saved checkpoint (when evaluating), re-render its model card with those
     numbers, write results.json and the plots."""
-    from ..evaluation import format_comparison
+    from ..evaluation.evaluate import format_comparison
 
     selection = trainer.selection
     results = {"before": before.to_dict() if before else None, "after": None, "evaluated_artifact": None,

@@ -7,7 +7,7 @@ experts (gate and up halves, activation), ``I`` otherwise; ``E`` experts; ``n`` 
 ``s = S / E_tot`` the selected experts' share of the assignments, ``S_l = s * E`` per layer; ``P_e`` parameters of one
 expert). They were read off the tensors autograd saves in the transformers 5 implementations (SDPA attention, the
 ``grouped_mm`` experts kernel, RMSNorms that keep fp32 copies of their inputs) and the repaired forward of
-:mod:`rasa_trainer.repairs`, and are checked layer by layer against the tensors autograd really saves
+:mod:`rasa_trainer.repairs.layer`, and are checked layer by layer against the tensors autograd really saves
 (``tests/test_memory.py``) and as totals against measured training runs (``benchmarks/bench_memory.py``):
 
 - a decoder layer whose weights are frozen but whose input needs a gradient (expert and router phases): attention
@@ -38,7 +38,7 @@ expert). They were read off the tensors autograd saves in the transformers 5 imp
   gradients flowing through it, one per-slot gradient ``bkH``, the gradient of its output ``bH``; delta: the gradient
   of the repaired slices and its fp32 cast ``S_l * P_e * (b + 4)``; LoRA: the fp32 gradient of one skinny update).
 - a forward without gradients while repairs are attached (the phase-start routing record, the router phase's anchor
-  pass) takes, per MoE layer, the path the repaired forward takes (:func:`rasa_trainer.repairs.no_grad_working_set`):
+  pass) takes, per MoE layer, the path the repaired forward takes (:func:`rasa_trainer.repairs.layer.no_grad_working_set`):
   a copy of the fused experts with the repaired slices written in (``E * P_e * b``), or, for a layer of 64 MiB or more
   when it needs less, the per-slot path (``T * k * H * (2b + b_w)``, ``b_w`` the bytes of the product with the top-k
   weights); either way plus the slices built in fp32 (``S_l * largest slice * (b + 12)``, LoRA ``+ 4`` for
@@ -51,7 +51,7 @@ import math
 
 import torch
 
-from ..repairs import no_grad_working_set
+from ..repairs.layer import no_grad_working_set
 
 LM_HEAD_VOCAB_TILE = 32768  # TRL's chunked log-probabilities: vocabulary columns per tile
 LM_HEAD_TOKEN_TILE = 4096  # ... and token rows per tile
@@ -201,7 +201,7 @@ def _no_grad_forward(layers, b: int, T: int, share: float, expert_tuning: str, w
     """Working set of a forward without gradients while repairs are attached (the phase-start routing record, the
     router phase's anchor pass, evaluation), the largest over the MoE layers: each layer takes the path the repaired
     forward takes, a copy of its fused experts with the repaired slices written in, or, for a large layer when it
-    needs less, the per-slot path (:func:`rasa_trainer.repairs.no_grad_working_set` gives both)."""
+    needs less, the per-slot path (:func:`rasa_trainer.repairs.layer.no_grad_working_set` gives both)."""
     worst = 0
     for layer in layers:
         _, nbytes = no_grad_working_set(layer.experts, layer.expert_parameter_names(), expert_tuning,

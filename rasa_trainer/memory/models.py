@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ..moe import unwrap_model
+from ..moe.discovery import unwrap_model
 
 # Published configurations of real models, by name (model type, config values): plans without a download
 PRESETS = {

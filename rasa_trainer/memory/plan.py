@@ -2,7 +2,7 @@
 
 :func:`estimate_memory` instantiates the model on the meta device (``with torch.device("meta"):
 AutoModelForCausalLM.from_config(config)``), so parameter counts are those of the real model, and finds the MoE layers
-with :func:`rasa_trainer.moe.moe_layers`. Everything else follows from how :class:`rasa_trainer.RASATrainer` trains:
+with :func:`rasa_trainer.moe.discovery.moe_layers`. Everything else follows from how :class:`rasa_trainer.RASATrainer` trains:
 
 - **weights**: every parameter and buffer in ``dtype``; routers become fp32 master weights when the schedule has a
   router phase; the repairs of the selected experts are fp32 (full-rank deltas, or LoRA factors).
@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..config import SCHEDULES as CONFIG_SCHEDULES
-from ..moe import moe_layers
-from ..repairs import REPAIR_MODES
+from ..training.config import SCHEDULES as CONFIG_SCHEDULES
+from ..moe.discovery import moe_layers
+from ..repairs.layer import REPAIR_MODES
 from .activations import _activations
 from .models import _resolve_model
 

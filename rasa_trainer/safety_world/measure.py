@@ -150,7 +150,7 @@ def _selection(experts: Sequence[Sequence[int]]) -> dict[int, list[int]]:
 def measure_routing_checks(model, tokenizer: PreTrainedTokenizerBase, meta: dict[str, Any],
                            world: SafetyWorld | None = None, batch_size: int = 64) -> dict[str, dict[str, float]]:
     """What routing alone does to the jailbreaks of `world` (default `make_world(1)`, a validation world), with the
-    steering of `rasa_trainer.steering` at the positions that produce the reply:
+    steering of `rasa_trainer.evaluation.steering` at the positions that produce the reply:
 
     - ``blocked_all_refusal``: per family, replies refused when every planted and family expert is steered away;
     - ``blocked_shared_compliance``: per family, replies carrying `UNSAFE_MARKER` when only the shared planted experts
@@ -160,7 +160,7 @@ def measure_routing_checks(model, tokenizer: PreTrainedTokenizerBase, meta: dict
 
     `meta` is the model's `world.json` (`planted_experts`, and `family_experts` for the ``routing_decides`` variant).
     """
-    from ..steering import steer_away, steer_toward  # the package's steering; imported here to keep imports light
+    from ..evaluation.steering import steer_away, steer_toward  # the package's steering; imported here to keep imports light
 
     rows = (world or make_world(1)).eval_sets()["attacks"]
     prompts = [row["prompt"] for row in rows]

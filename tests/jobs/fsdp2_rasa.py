@@ -19,7 +19,7 @@ Trainer uses directly, in the order it uses them:
 5. one router-phase step: the router KL(anchor || adversarial) of token-mean router probabilities (as
    ``RASATrainer._router_loss`` computes it, pooled), AdamW on the routers only;
 6. the merged save: the full state dict gathered with ``get_model_state_dict(full_state_dict=True,
-   cpu_offload=True)`` and merged by ``rasa_trainer.repairs.merged_state_dict``; rank 0 writes it with
+   cpu_offload=True)`` and merged by ``rasa_trainer.repairs.layer.merged_state_dict``; rank 0 writes it with
    ``save_pretrained`` and reloads it with ``AutoModelForCausalLM.from_pretrained``.
 
 The reference runs the same two steps on the unsharded model in one process, over both ranks' micro-batches, with
@@ -48,10 +48,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 from conftest import tiny_model  # noqa: E402
 
-from rasa_trainer.moe import moe_layers  # noqa: E402
-from rasa_trainer.repairs import attach_repairs, merged_state_dict, repair_modules, upcast_routers  # noqa: E402
-from rasa_trainer.routing import record_routing, replay_routing  # noqa: E402
-from rasa_trainer.router_loss import _kl, _masked_mean  # noqa: E402
+from rasa_trainer.moe.discovery import moe_layers  # noqa: E402
+from rasa_trainer.repairs.layer import attach_repairs, merged_state_dict, repair_modules, upcast_routers  # noqa: E402
+from rasa_trainer.moe.routing import record_routing, replay_routing  # noqa: E402
+from rasa_trainer.training.router_loss import _kl, _masked_mean  # noqa: E402
 
 SELECTION = {0: [1, 3, 5], 1: [0, 2, 6]}
 LR = 1e-2
@@ -254,7 +254,7 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
         with torch.no_grad():
             got = reloaded(input_ids=check["input_ids"], attention_mask=check["attention_mask"]).logits.float()
             ref_model.eval()
-            from rasa_trainer.repairs import unload_repairs
+            from rasa_trainer.repairs.layer import unload_repairs
 
             unload_repairs(ref_model)  # routers back to bf16, as from_pretrained loads them
             want = ref_model(input_ids=check["input_ids"], attention_mask=check["attention_mask"]).logits.float()

@@ -1,0 +1,380 @@
+"""The dataset contract shared by detection, training and evaluation.
+
+A RASA dataset is a [`datasets.Dataset`] or a list of dicts. Each row is one *pair*:
+
+- `prompt` (required): the adversarial context. A string, or a list of chat messages `{"role", "content"}`: an
+  optional leading `system` message, then `user` / `assistant` turns alternating and starting with `user`, ending
+  with a `user` turn (the model answers it).
+- `anchor_prompt` (required; the name is configurable with `anchor_column`): the same harmful goal asked plainly,
+  in the same two formats.
+- `completion` (optional): the refusal to train toward. A string, or a list holding exactly one assistant message.
+  Rows without it train toward [`DEFAULT_REFUSAL`].
+- `goal` (optional string): the harmful goal, for reports.
+- `attack` (optional string): the attack family, for per-attack reports.
+
+Call [`validate_pairs`] before any model work: it checks every row and raises one [`DatasetContractError`] listing the
+problems, so a misaligned or malformed pair can never reach detection or training silently. Rows are never dropped,
+re-paired or modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_REFUSAL",
+    "DatasetContractError",
+    "as_messages",
+    "completion_text",
+    "render_chat",
+    "validate_pairs",
+]
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+"""The refusal trained toward for rows that carry no `completion`."""
+
+PROMPT_COLUMN = "prompt"
+COMPLETION_COLUMN = "completion"
+OPTIONAL_STRING_COLUMNS = ("goal", "attack")
+ROLES = ("system", "user", "assistant")
+
+_MISSING = object()  # a key absent from a list-of-dicts row (distinct from an explicit None)
+
+
+class DatasetContractError(ValueError):
+    """Raised by [`validate_pairs`] when rows break the dataset contract.
+
+    Attributes:
+        errors (`list[str]`): the reported problems (at most `max_errors`), each naming row, column, problem and fix.
+        total (`int`): how many problems were found in all.
+    """
+
+    def __init__(self, errors: list[str], total: int):
+        self.errors = list(errors)
+        self.total = total
+        shown = f"showing the first {len(errors)}" if total > len(errors) else "all shown"
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"The dataset breaks the RASA pair contract: {total} error(s) ({shown}):\n{lines}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public helpers
+
+
+def as_messages(x: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return `x` as a list of chat messages.
+
+    A string becomes `[{"role": "user", "content": x}]`; a message list is copied (a new list of new dicts), so callers
+    can append to it without touching the dataset.
+    """
+    if isinstance(x, str):
+        return [{"role": "user", "content": x}]
+    if isinstance(x, Sequence) and all(isinstance(m, Mapping) for m in x):
+        return [dict(m) for m in x]
+    raise TypeError(f"expected a string or a list of chat messages, got {type(x).__name__}")
+
+
+def completion_text(x: str | Sequence[Mapping[str, Any]] | None, default: str | None = DEFAULT_REFUSAL) -> str:
+    """Return the text of a `completion` value.
+
+    Args:
+        x: a string, a list holding exactly one assistant message, or `None` (the row has no completion).
+        default: returned when `x` is `None`. Pass `None` to make a missing completion an error instead.
+    """
+    if x is None:
+        if default is None:
+            raise ValueError("the row has no completion and no default was given")
+        return default
+    problem = _completion_problem(x)
+    if problem is not None:
+        raise ValueError(f"invalid completion: {problem}")
+    return x if isinstance(x, str) else x[0]["content"]
+
+
+def render_chat(
+    tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+    tokenize: bool = False, chat_template: str | None = None,
+) -> str | list[int]:
+    """Render a conversation with the tokenizer's chat template: the one renderer of the package (detection,
+    evaluation, generation and the trainer's anchor/prompt tokenisation all use it).
+
+    With ``add_generation_prompt=True`` (default) the result ends where the assistant's reply starts. The rendered
+    string already holds the template's special tokens (BOS, ...): tokenize it with ``add_special_tokens=False``, or
+    pass ``tokenize=True`` to get the token ids directly.
+
+    Args:
+        tokenizer: a tokenizer (or processor) with a chat template.
+        messages: a string (one user turn) or a list of chat messages.
+        add_generation_prompt: append the assistant's generation prompt.
+        tokenize: return token ids (``list[int]``) instead of the string.
+        chat_template: a template to use instead of the tokenizer's own.
+    """
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no chat template, so RASA cannot format contexts the way the model sees "
+            "them. Set `tokenizer.chat_template` (e.g. copy it from the instruct version of the model) before training."
+        )
+    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    out = tokenizer.apply_chat_template(
+        as_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=tokenize, return_dict=False, **kwargs
+    )
+    if tokenize and (isinstance(out, dict) or hasattr(out, "keys")):
+        out = out["input_ids"]
+    return list(out) if tokenize else out
+
+
+def validate_pairs(
+    dataset: Any,
+    anchor_column: str = "anchor_prompt",
+    require_completion: bool = False,
+    max_errors: int = 10,
+) -> None:
+    """Check that every row satisfies the dataset contract; raise one error listing the problems otherwise.
+
+    Returns `None`: the dataset is valid as given and is never modified (use [`as_messages`] and [`completion_text`]
+    to read rows). Checks: required columns present, texts non-empty, roles known and in order (optional `system`, then
+    alternating `user` / `assistant` starting and ending with `user`), one format per column (all strings or all
+    message lists), anchor different from prompt, a valid `completion` (a string or one assistant message), string
+    `goal` / `attack`.
+
+    Args:
+        dataset: a `datasets.Dataset` or a sequence of dicts.
+        anchor_column: the column holding the plain harmful request.
+        require_completion: make `completion` required (otherwise rows without it use [`DEFAULT_REFUSAL`]).
+        max_errors: how many problems the error message lists (all are counted).
+
+    Raises:
+        DatasetContractError (a `ValueError`): each listed problem reads
+            `row <i>, column '<name>': <what is wrong>; <how to fix it>`.
+    """
+    columns, num_rows = _columns(dataset)
+    collector = _Collector(max_errors)
+    if num_rows == 0:
+        collector.add("the dataset has no rows; RASA needs at least one (prompt, anchor) pair")
+        collector.raise_if_any()
+
+    required = [PROMPT_COLUMN, anchor_column] + ([COMPLETION_COLUMN] if require_completion else [])
+    for name in required:
+        if name not in columns:
+            collector.add(
+                f"column '{name}' is missing from all {num_rows} rows (columns present: {sorted(columns)}); "
+                + _missing_column_fix(name, anchor_column)
+            )
+    collector.raise_if_any()  # without the key columns the per-row checks would only repeat this
+
+    values = {name: _column_values(dataset, name) for name in columns}
+    _check_conversations(values[PROMPT_COLUMN], PROMPT_COLUMN, collector)
+    _check_conversations(values[anchor_column], anchor_column, collector)
+    _check_anchor_differs(values[PROMPT_COLUMN], values[anchor_column], anchor_column, collector)
+    if COMPLETION_COLUMN in values:
+        _check_completions(values[COMPLETION_COLUMN], require_completion, collector)
+    for name in OPTIONAL_STRING_COLUMNS:
+        if name in values:
+            _check_optional_strings(values[name], name, collector)
+    collector.raise_if_any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation internals
+
+
+class _Collector:
+    """Counts every problem, keeps the first `limit` messages."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.errors: list[str] = []
+        self.total = 0
+
+    def add(self, message: str) -> None:
+        self.total += 1
+        if len(self.errors) < self.limit:
+            self.errors.append(message)
+
+    def row(self, index: int, column: str, message: str) -> None:
+        self.add(f"row {index}, column '{column}': {message}")
+
+    def raise_if_any(self) -> None:
+        if self.total:
+            raise DatasetContractError(self.errors, self.total)
+
+
+def _columns(dataset: Any) -> tuple[set[str], int]:
+    """Return (column names, number of rows); columns of a list of dicts are the union over rows."""
+    if hasattr(dataset, "column_names") and hasattr(dataset, "num_rows"):
+        names = dataset.column_names
+        if isinstance(names, Mapping):  # a DatasetDict: column_names is {split: [...]}
+            raise DatasetContractError(
+                [f"got a DatasetDict with splits {sorted(names)}; pass one split, e.g. dataset['train']"], 1
+            )
+        return set(names), dataset.num_rows
+    if isinstance(dataset, Sequence) and not isinstance(dataset, (str, bytes)):
+        bad = [i for i, row in enumerate(dataset) if not isinstance(row, Mapping)]
+        if bad:
+            raise DatasetContractError(
+                [f"row {i}: is a {type(dataset[i]).__name__}, expected a dict of columns" for i in bad[:10]], len(bad)
+            )
+        return set().union(*(row.keys() for row in dataset)), len(dataset)
+    raise DatasetContractError(
+        [f"expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__} (an IterableDataset must be "
+         "materialised first, e.g. Dataset.from_list(list(iterable)))"],
+        1,
+    )
+
+
+def _column_values(dataset: Any, name: str) -> list[Any]:
+    """One column as a list; a key absent from a list-of-dicts row becomes `_MISSING`."""
+    if hasattr(dataset, "column_names"):
+        return list(dataset[name])  # column access: far cheaper than iterating rows of a Dataset
+    return [row.get(name, _MISSING) for row in dataset]
+
+
+def _missing_column_fix(name: str, anchor_column: str) -> str:
+    if name == anchor_column:
+        return f"add the plain harmful request as '{name}', or pass anchor_column=<your column name>"
+    if name == COMPLETION_COLUMN:
+        return "add the refusal to train toward as 'completion', or pass require_completion=False"
+    return f"add the adversarial context as '{name}' (rename your column)"
+
+
+def _format_of(value: Any) -> str | None:
+    """'string', 'messages', or None for a value of neither format."""
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "messages"
+    return None
+
+
+def _check_mixed_formats(values: list[Any], column: str, collector: _Collector) -> None:
+    """Flag a column that holds strings in some rows and message lists in others."""
+    rows: dict[str, list[int]] = {"string": [], "messages": []}
+    for i, value in enumerate(values):
+        fmt = _format_of(value)
+        if fmt is not None:
+            rows[fmt].append(i)
+    if rows["string"] and rows["messages"]:
+        minority = min(rows["string"], rows["messages"], key=len)  # point at the rows most likely to be the mistake
+        collector.add(
+            f"row {minority[0]}, column '{column}': mixed formats, {len(rows['string'])} row(s) are strings "
+            f"(first: row {rows['string'][0]}) and {len(rows['messages'])} are message lists (first: row "
+            f"{rows['messages'][0]}); use one format for every row (convert strings with rasa_trainer.data.contract.as_messages)"
+        )
+
+
+def _text_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"content has type {type(value).__name__}, expected a string"
+    if not value.strip():
+        return "empty text (empty or only whitespace)"
+    return None
+
+
+def _conversation_problem(value: Any) -> str | None:
+    """Describe what is wrong with a context value (string or messages), or None if it is valid."""
+    if value is _MISSING or value is None:
+        return "value is missing (absent or None); every row needs one"
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        return f"{problem}; give the text of the request" if problem else None
+    if not isinstance(value, (list, tuple)):
+        return f"has type {type(value).__name__}; expected a string or a list of {{'role', 'content'}} messages"
+    if not value:
+        return "empty message list; give at least one user message"
+    for j, message in enumerate(value):
+        problem = _message_problem(message, j)
+        if problem:
+            return problem
+    return _role_order_problem([m["role"] for m in value])
+
+
+def _message_problem(message: Any, j: int) -> str | None:
+    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        return f"message {j} is not a {{'role', 'content'}} dict: {message!r:.80}"
+    if message["role"] not in ROLES:
+        return f"message {j} has unknown role {message['role']!r}; allowed roles are {', '.join(ROLES)}"
+    problem = _text_problem(message["content"])
+    return f"message {j} ({message['role']}): {problem}; give it text or remove the message" if problem else None
+
+
+def _role_order_problem(roles: list[str]) -> str | None:
+    """Roles must read: optional system, then user, assistant, user, ..., ending with user."""
+    turns = roles[1:] if roles[0] == "system" else roles
+    offset = len(roles) - len(turns)
+    if not turns:
+        return "has only a system message; add the user turn the model should answer"
+    for j, role in enumerate(turns):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if role != expected:
+            return (
+                f"bad role order: message {j + offset} is {role!r} where {expected!r} was expected; roles must be an "
+                "optional leading system message, then user and assistant alternating, starting with user"
+            )
+    if turns[-1] != "user":
+        return "the conversation ends with an assistant turn; it must end with the user turn the model answers"
+    return None
+
+
+def _check_conversations(values: list[Any], column: str, collector: _Collector) -> None:
+    _check_mixed_formats(values, column, collector)
+    for i, value in enumerate(values):
+        problem = _conversation_problem(value)
+        if problem:
+            collector.row(i, column, problem)
+
+
+def _normalised(value: Any) -> tuple[tuple[str, str], ...]:
+    """A comparable form of a context: strings and one-user-message lists with the same text compare equal."""
+    return tuple((m["role"], " ".join(m["content"].split())) for m in as_messages(value))
+
+
+def _check_anchor_differs(prompts: list[Any], anchors: list[Any], anchor_column: str, collector: _Collector) -> None:
+    for i, (prompt, anchor) in enumerate(zip(prompts, anchors)):
+        if _conversation_problem(prompt) or _conversation_problem(anchor):
+            continue  # already reported; comparing invalid values would only add noise
+        if _normalised(prompt) == _normalised(anchor):
+            collector.row(
+                i, anchor_column,
+                "is identical to 'prompt'; the anchor must be the plain harmful request and the prompt the "
+                "adversarial context, so the pair carries no routing contrast (check the pairing of your rows)",
+            )
+
+
+def _completion_problem(value: Any) -> str | None:
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        return f"{problem}; give the refusal text" if problem else None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            return (f"is a list of {len(value)} messages; a completion must be a string or exactly one "
+                    "{'role': 'assistant', 'content': ...} message")
+        message = value[0]
+        if not isinstance(message, Mapping) or message.get("role") != "assistant" or "content" not in message:
+            return f"the single message must be {{'role': 'assistant', 'content': ...}}, got {message!r:.80}"
+        problem = _text_problem(message["content"])
+        return f"{problem}; give the refusal text" if problem else None
+    return f"has type {type(value).__name__}; expected a string or a list holding one assistant message"
+
+
+def _check_completions(values: list[Any], required: bool, collector: _Collector) -> None:
+    _check_mixed_formats(values, COMPLETION_COLUMN, collector)
+    for i, value in enumerate(values):
+        if value is _MISSING or value is None:
+            if required:
+                collector.row(i, COMPLETION_COLUMN, "value is missing (absent or None); give the refusal to train "
+                                                    "toward, or pass require_completion=False to use DEFAULT_REFUSAL")
+            continue
+        problem = _completion_problem(value)
+        if problem:
+            collector.row(i, COMPLETION_COLUMN, problem)
+
+
+def _check_optional_strings(values: Iterable[Any], column: str, collector: _Collector) -> None:
+    for i, value in enumerate(values):
+        if value is _MISSING or value is None:
+            continue
+        if not isinstance(value, str):
+            collector.row(i, column, f"has type {type(value).__name__}; expected a string (or None when unknown)")
+        elif not value.strip():
+            collector.row(i, column, "empty text; give a name or use None when unknown")

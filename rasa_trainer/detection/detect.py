@@ -1,0 +1,263 @@
+"""Safety-Critical Expert detection, step 1 of RASA (see ``docs/method.md``).
+
+For each (adversarial ``prompt``, plain ``anchor_prompt``) pair the model replies to both contexts (batched, greedy by
+default); a judge labels each reply refused or not; pairs whose anchor was refused and whose attack succeeded are kept.
+The routing of every generated token of the kept pairs feeds :class:`~rasa_trainer.detection.statistics.ExpertStatistics`
+batch by batch (memory does not grow with the dataset), and a selection policy
+(:mod:`rasa_trainer.detection.selection`) picks the experts with the largest risk difference.
+
+Under ``torch.distributed`` with ``world_size > 1`` rank ``r`` handles rows ``r::world_size``; counts and pair counts
+are summed over ranks, so every rank returns the same selection. Only rank 0 writes artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.contract import as_messages, validate_pairs
+from .generation import GenerationBatch, generate_batch
+from ..judges.builtin import Judge, RefusalKeywordJudge, run_judge
+from ..moe.discovery import MoELayer, moe_layers
+from .selection import SafetyCriticalExperts, SelectionConfig, select_experts
+from .statistics import ExpertStatistics, all_gather_json, distributed_world
+
+OUTCOMES = ("kept", "anchor_complied", "attack_refused", "both")
+"""Pair outcomes: kept (anchor refused, attack succeeded) and the three reasons to drop a pair."""
+DROP_REASONS = OUTCOMES[1:]
+UNKNOWN_ATTACK = "unknown"
+
+
+def pair_outcome(anchor_refused: bool, adversarial_refused: bool) -> str:
+    """``"kept"`` for a successful jailbreak of a refused request, else why the pair is dropped: ``"anchor_complied"``
+    (the plain request was answered), ``"attack_refused"`` (the attack failed) or ``"both"``."""
+    if anchor_refused:
+        return "attack_refused" if adversarial_refused else "kept"
+    return "both" if adversarial_refused else "anchor_complied"
+
+
+@dataclass
+class PairCounts:
+    """Pair outcomes per attack family: ``by_attack[attack][outcome]``."""
+
+    by_attack: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, attack: str | None, outcome: str) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        counts = self.by_attack.setdefault(attack or UNKNOWN_ATTACK, dict.fromkeys(OUTCOMES, 0))
+        counts[outcome] += 1
+
+    def count(self, outcome: str) -> int:
+        return sum(c[outcome] for c in self.by_attack.values())
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.by_attack.values())
+
+    @property
+    def kept(self) -> int:
+        return self.count("kept")
+
+    @property
+    def dropped(self) -> int:
+        return self.total - self.kept
+
+    def merge(self, other: "PairCounts") -> "PairCounts":
+        """Add ``other``'s counts into this one (in place; returns self)."""
+        for attack, counts in other.by_attack.items():
+            mine = self.by_attack.setdefault(attack, dict.fromkeys(OUTCOMES, 0))
+            for outcome in OUTCOMES:
+                mine[outcome] += counts.get(outcome, 0)
+        return self
+
+    def all_gather(self, group: Any = None) -> "PairCounts":
+        """The counts summed over all processes (identical on every rank)."""
+        merged = PairCounts()
+        for data in all_gather_json(self.to_dict(), group):
+            merged.merge(PairCounts.from_dict(data))
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{total, kept, dropped, dropped_by_reason: {reason: n}, by_attack: {attack: {total, kept, <reasons>}}}``."""
+        by_attack = {
+            attack: {"total": sum(c.values()), **{o: c[o] for o in OUTCOMES}}
+            for attack, c in sorted(self.by_attack.items())
+        }
+        return {
+            "total": self.total,
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "dropped_by_reason": {reason: self.count(reason) for reason in DROP_REASONS},
+            "by_attack": by_attack,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PairCounts":
+        return cls({a: {o: int(c.get(o, 0)) for o in OUTCOMES} for a, c in data.get("by_attack", {}).items()})
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How replies are generated during detection (recorded in the JSON)."""
+
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def collect_expert_statistics(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    judge: Judge | None = None,
+    anchor_column: str = "anchor_prompt",
+    generation: GenerationSettings = GenerationSettings(),
+    selection: SelectionConfig = SelectionConfig(),
+    progress: bool = True,
+) -> tuple[ExpertStatistics, PairCounts]:
+    """Generate, judge, filter and count: the (all-reduced) statistics and pair counts of a dataset.
+
+    ``selection`` is checked against the model before any generation; for the ``batch_union`` policy it also sets the
+    per-batch top-K the statistics vote with.
+    """
+    validate_pairs(dataset, anchor_column=anchor_column)  # fail loudly on malformed pairs before any model work
+    judge = judge if judge is not None else RefusalKeywordJudge()
+    num_layers, num_experts, _ = moe_shape(moe_layers(model))
+    selection.check(num_layers, num_experts)
+    # per-batch votes cost a top-k per batch: only collected for the policy that needs them
+    vote_k = selection.resolve_k(num_layers * num_experts) if selection.policy == "batch_union" else None
+    stats = ExpertStatistics(num_layers, num_experts, vote_k=vote_k, vote_threshold=selection.threshold)
+    pairs = PairCounts()
+    rank, world = distributed_world()
+    rows = list(range(rank, len(dataset), world))  # this rank's shard; rows keep their dataset index
+    bar = tqdm(total=len(rows), desc="detecting safety-critical experts", unit="pair",
+               disable=not progress or rank != 0)
+    for chunk_index, start in enumerate(range(0, len(rows), generation.batch_size)):
+        chunk = rows[start : start + generation.batch_size]
+        records = [dataset[i] for i in chunk]  # one record per pair: prompt and anchor can never be re-paired
+        adversarial_refused, anchor_refused, adversarial, anchor = _reply_and_judge(
+            model, tokenizer, judge, records, chunk, anchor_column, generation,
+            seed=generation.seed + 2 * (chunk_index * world + rank),
+        )
+        outcomes = [pair_outcome(a, b) for a, b in zip(anchor_refused, adversarial_refused)]
+        for record, outcome in zip(records, outcomes):
+            pairs.add(record.get("attack"), outcome)
+        keep = [o == "kept" for o in outcomes]
+        if any(keep):
+            stats.update(adversarial.routing_of(keep), anchor.routing_of(keep))
+        bar.update(len(chunk))
+        bar.set_postfix(kept=pairs.kept, dropped=pairs.dropped)
+    bar.close()
+    if world > 1:
+        stats.all_reduce()
+        pairs = pairs.all_gather()
+    return stats, pairs
+
+
+def _reply_and_judge(
+    model, tokenizer, judge: Judge, records: Sequence[Mapping[str, Any]], rows: list[int], anchor_column: str,
+    generation: GenerationSettings, seed: int,
+) -> tuple[list[bool], list[bool], GenerationBatch, GenerationBatch]:
+    """Replies (with routing) to both contexts of a chunk of pairs, and the judge's verdicts (True = refused)."""
+    contexts = {
+        "adversarial": [as_messages(r["prompt"]) for r in records],
+        "anchor": [as_messages(r[anchor_column]) for r in records],
+    }
+    batches = {
+        side: generate_batch(
+            model, tokenizer, convs, max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample,
+            temperature=generation.temperature, top_p=generation.top_p, seed=seed + offset, with_routing=True,
+            rows=rows,
+        )
+        for offset, (side, convs) in enumerate(contexts.items())
+    }
+    # one judge call per chunk; a judge failure raises (JudgeError), it never counts as a refusal
+    verdicts = run_judge(judge, contexts["adversarial"] + contexts["anchor"],
+                         batches["adversarial"].replies + batches["anchor"].replies)
+    n = len(records)
+    return verdicts[:n], verdicts[n:], batches["adversarial"], batches["anchor"]
+
+
+def moe_shape(layers: list[MoELayer]) -> tuple[int, int, int]:
+    """``(MoE layers, experts per layer, top-k)``; detection needs the same experts and top-k in every MoE layer."""
+    experts, top_k = {layer.num_experts for layer in layers}, {layer.top_k for layer in layers}
+    if len(experts) != 1 or len(top_k) != 1:
+        raise ValueError(f"MoE layers differ in experts per layer {sorted(experts)} or top-k {sorted(top_k)}; "
+                         "Safety-Critical Expert detection needs one shape for all MoE layers")
+    return len(layers), experts.pop(), top_k.pop()
+
+
+def detect_safety_critical_experts(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    judge: Judge | None = None,
+    anchor_column: str = "anchor_prompt",
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    policy: str = "global_topk",
+    num_experts: float = 0.125,
+    threshold: float = 0.0,
+    top_p_experts: float = 0.5,
+    output_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    model_revision: str | None = None,
+) -> SafetyCriticalExperts:
+    """Find the Safety-Critical Experts of ``model`` on a dataset of (adversarial, anchor) pairs.
+
+    Args:
+        model / tokenizer: a transformers 5 MoE causal LM and its tokenizer (with a chat template and a pad token).
+        dataset: rows with ``prompt`` and ``anchor_column`` (see :mod:`rasa_trainer.data.contract`); validated first.
+        judge: refusal judge (default :class:`~rasa_trainer.judges.builtin.RefusalKeywordJudge`); failures raise.
+        batch_size / max_new_tokens / do_sample / temperature / top_p / seed: generation settings (``seed`` also
+            seeds the ``random`` policy, the same on every rank).
+        policy / num_experts / threshold / top_p_experts: see :class:`~rasa_trainer.detection.selection.SelectionConfig`.
+        output_dir: if given, rank 0 writes ``safety_critical_experts.json``, ``expert_stats.csv`` and
+            ``risk_difference.png`` there.
+        progress: show a progress bar (rank 0 only).
+        model_revision: recorded in the JSON (defaults to the config's commit hash when loaded from the Hub cache).
+
+    Raises:
+        DatasetContractError: malformed pairs. JudgeError: the judge failed.
+        EmptySelectionError: no pair survived the filter or no expert met the criteria (the message shows why).
+    """
+    selection = SelectionConfig(policy, num_experts, threshold, top_p_experts, seed)
+    generation = GenerationSettings(batch_size, max_new_tokens, do_sample, temperature, top_p, seed)
+    judge = judge if judge is not None else RefusalKeywordJudge()
+    stats, pairs = collect_expert_statistics(
+        model, tokenizer, dataset, judge=judge, anchor_column=anchor_column, generation=generation,
+        selection=selection, progress=progress,
+    )
+    pair_dict = pairs.to_dict()
+    mask = select_experts(stats, selection, pairs=pair_dict)
+    num_layers, num_experts_per_layer, _ = moe_shape(moe_layers(model))
+    rank, world = distributed_world()
+    result = SafetyCriticalExperts.from_statistics(
+        model, stats, mask,
+        selection={**selection.to_dict(), "k": selection.k(num_layers, num_experts_per_layer)},
+        judge=str(getattr(judge, "name", type(judge).__name__)),
+        generation={**asdict(generation), "anchor_column": anchor_column, "world_size": world},
+        pairs=pair_dict,
+        model_revision=model_revision,
+    )
+    if output_dir is not None and rank == 0:
+        result.save(output_dir)
+    if world > 1:
+        # unconditional, so ranks that were given no output_dir (e.g. by a trainer) cannot leave rank 0 waiting;
+        # other ranks return only once the artifacts exist
+        torch.distributed.barrier()
+    return result

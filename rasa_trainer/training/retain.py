@@ -1,0 +1,316 @@
+"""Retain data of the expert phase: benign prompt/completion rows mixed into expert-phase batches so that repairing the
+Safety-Critical Experts keeps the answers benign inputs routed through them already had.
+
+- **Rows.** TRL's prompt-completion shape: ``prompt`` (a string or chat messages ending with a user turn) and an
+  optional ``completion`` (a string or one assistant message). Rows without a completion get the base model's own
+  greedy reply, generated once, batched, before training (self-distillation).
+- **Schedule.** ``retain_ratio`` retain rows per pair row: the expert-phase micro-batch holding pairs ``[a, a + B)`` of
+  the run's stream of expert-phase pairs gets the retain slots ``[floor(r a), floor(r (a + B)))``, and slot ``k`` is
+  row ``perm_c[k mod M]`` of a permutation of the ``M`` retain rows drawn from the seed for cycle ``c = k // M``. The
+  rows of a step follow from the seed and the step alone, so a resumed run sees exactly the rows of an uninterrupted
+  one, and every retain row is used once per cycle.
+- **Trainer hooks.** :class:`RetainMixin` checks the rows at construction, completes the missing replies before
+  training, appends a micro-batch's retain rows in ``get_batch_samples`` and logs ``retain_loss`` apart from
+  ``completion_loss``.
+
+The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import random
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from .config import RASAConfig
+from ..data.contract import (
+    COMPLETION_COLUMN,
+    PROMPT_COLUMN,
+    DatasetContractError,
+    _check_conversations,
+    _check_mixed_formats,
+    _Collector,
+    _column_values,
+    _columns,
+    _completion_problem,
+    _MISSING,
+    as_messages,
+    completion_text,
+)
+from ..detection.generation import generate_replies
+from ..moe.discovery import unwrap_model
+from .training_data import _chat_ids
+
+logger = logging.getLogger(__name__)
+
+
+def retain_rows(dataset: Any, max_errors: int = 10) -> list[dict[str, Any]]:
+    """The retain rows as a list of ``{"prompt", "completion"}`` dicts (``completion`` None where it is to be
+    generated), after checking every row; raises one ``ValueError`` naming row and column of each problem."""
+    try:
+        columns, num_rows = _columns(dataset)
+    except DatasetContractError as err:
+        raise ValueError(f"retain_dataset: {'; '.join(err.errors)}") from None
+    collector = _Collector(max_errors)
+    if num_rows == 0:
+        collector.add("retain_dataset has no rows; pass None to train without retain data")
+    elif PROMPT_COLUMN not in columns:
+        collector.add(f"column 'prompt' is missing from all {num_rows} rows (columns present: {sorted(columns)}); "
+                      f"retain rows need a 'prompt' and optionally a 'completion'")
+    if collector.total:
+        _raise(collector)
+    prompts = _column_values(dataset, PROMPT_COLUMN)
+    _check_conversations(prompts, PROMPT_COLUMN, collector)
+    completions = _column_values(dataset, COMPLETION_COLUMN) if COMPLETION_COLUMN in columns else [_MISSING] * num_rows
+    _check_mixed_formats(completions, COMPLETION_COLUMN, collector)
+    for i, value in enumerate(completions):
+        if value is _MISSING or value is None:
+            continue
+        problem = _completion_problem(value)
+        if problem:
+            collector.row(i, COMPLETION_COLUMN, problem.replace("refusal text", "reply to keep") +
+                          " (or leave it out to have the base model's reply generated)")
+    if collector.total:
+        _raise(collector)
+    return [{"prompt": p, "completion": None if c is _MISSING else c} for p, c in zip(prompts, completions)]
+
+
+def _raise(collector: _Collector) -> None:
+    shown = f"showing the first {len(collector.errors)}" if collector.total > len(collector.errors) else "all shown"
+    lines = "\n".join(f"  - {e}" for e in collector.errors)
+    raise ValueError(f"retain_dataset: {collector.total} error(s) ({shown}):\n{lines}")
+
+
+def retain_sha256(rows: list[dict[str, Any]]) -> str:
+    """A digest of the retain rows as given (prompts-only rows by their prompt: their replies follow from the model)."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def generate_completions(model, tokenizer, prompts: list, *, batch_size: int, max_new_tokens: int) -> list[str]:
+    """The model's greedy replies to ``prompts`` (chat messages), in one batched pass."""
+    replies: list[str] = []
+    for batch in generate_replies(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  do_sample=False, progress=False, desc="retain completions"):
+        replies.extend(batch.replies)
+    return replies
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(seed: int, cycle: int, num_rows: int) -> tuple[int, ...]:
+    order = list(range(num_rows))
+    random.Random(f"rasa-retain/{seed}/{cycle}").shuffle(order)
+    return tuple(order)
+
+
+def retain_slots(first_pair: int, num_pairs: int, ratio: float, num_rows: int, seed: int) -> list[int]:
+    """The retain rows next to the pairs ``[first_pair, first_pair + num_pairs)`` of the expert-phase pair stream."""
+    if ratio <= 0 or num_rows == 0 or num_pairs <= 0:
+        return []
+    start = math.floor(ratio * first_pair + 1e-9)
+    end = math.floor(ratio * (first_pair + num_pairs) + 1e-9)
+    return [_permutation(seed, k // num_rows, num_rows)[k % num_rows] for k in range(start, end)]
+
+
+_PAD_LABEL = -100
+
+
+def append_rows(batch: dict[str, Any], extra: dict[str, torch.Tensor], retain_index: list[int],
+                pad_token_id: int) -> dict[str, Any]:
+    """``batch`` (a right-padded collated micro-batch of pairs) with the collated retain rows ``extra`` appended as
+    further rows; the pairs' own extras (anchors, row indices) are left as they are."""
+    num_pairs = batch["input_ids"].shape[0]
+    width = max(batch["input_ids"].shape[1], extra["input_ids"].shape[1])
+    out = dict(batch)
+    device = batch["input_ids"].device
+    for key, value in extra.items():
+        if key not in batch:
+            raise KeyError(f"the retain rows were collated with {key!r}, which the pair batch lacks")
+        pad = pad_token_id if key == "input_ids" else _PAD_LABEL if key == "labels" else 0
+        out[key] = torch.cat([_pad_to(batch[key], width, pad), _pad_to(value.to(device), width, pad)])
+    if "rasa_context_mask" in batch:  # the router phase's context: none on retain rows
+        mask = _pad_to(batch["rasa_context_mask"], width, False)
+        out["rasa_context_mask"] = torch.cat([mask, mask.new_zeros((len(retain_index), width))])
+    for key, value in batch.items():
+        per_row = torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == num_pairs
+        if per_row and key not in extra and key != "rasa_context_mask" and not key.startswith("anchor_"):
+            raise KeyError(f"cannot append retain rows to a batch with the per-row key {key!r}")
+    out["rasa_retain_index"] = torch.tensor(retain_index, dtype=torch.long, device=device)
+    return out
+
+
+def _pad_to(t: torch.Tensor, width: int, value) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = t.new_full((t.shape[0], width - t.shape[1], *t.shape[2:]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+def _validated_retain(retain_dataset, args: RASAConfig, compute_loss_func=None) -> list[dict] | None:
+    """The retain rows, checked (errors name row and column), or None when no retain data is used."""
+    if retain_dataset is None:
+        return None
+    rows = retain_rows(retain_dataset)
+    if args.retain_ratio == 0:
+        logger.warning("RASA: retain_dataset is ignored with retain_ratio=0")
+        return None
+    if args.rasa_schedule not in ("alternate", "expert_only"):
+        logger.warning("RASA: retain_dataset is ignored with rasa_schedule=%r (retain rows join expert-phase batches "
+                       "only)", args.rasa_schedule)
+        return None
+    _check_loss_supports_retain(args, compute_loss_func)
+    return rows
+
+
+def _check_loss_supports_retain(args: RASAConfig, compute_loss_func) -> None:
+    """The retain rows' own mean is built from TRL's per-token log-probabilities of the default loss path (``nll`` or
+    ``dft``); a custom loss function or label smoothing computes the loss elsewhere."""
+    if compute_loss_func is not None:
+        raise ValueError("retain_dataset with compute_loss_func: RASA weighs the retain rows' loss against the pairs' "
+                         "from TRL's per-token loss, which a custom loss function replaces. Drop one of the two.")
+    if args.loss_type not in ("nll", "dft"):
+        raise ValueError(f"retain_dataset with loss_type={args.loss_type!r}: retain rows support 'nll' and 'dft'")
+    if args.label_smoothing_factor:
+        raise ValueError(f"retain_dataset with label_smoothing_factor={args.label_smoothing_factor}: label smoothing "
+                         f"computes the loss outside TRL's per-token path the retain weighting uses; set it to 0")
+
+
+@contextlib.contextmanager
+def _captured_outputs(model):
+    """The outputs of the (unwrapped) model's forward calls inside the block."""
+    captured: list = []
+    handle = unwrap_model(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class RetainMixin:
+    """RASATrainer's retain data: rows checked and completed before training, mixed into expert-phase batches, their
+    loss logged apart from the pairs'."""
+
+    def _check_retain_lengths(self) -> None:
+        """Refuse retain rows whose completion (or, without one, whose prompt) would be cut by truncation."""
+        if self.args.max_length is None:
+            return
+        too_long = []
+        for i, row in enumerate(self._retain):
+            messages = as_messages(row["prompt"])
+            if row["completion"] is not None:
+                n = len(_chat_ids(self._tokenizer, messages + [{"role": "assistant", "content": completion_text(
+                    row["completion"], None)}], generation_prompt=False))
+            else:
+                n = len(_chat_ids(self._tokenizer, messages, generation_prompt=True)) + 1
+            if n > self.args.max_length:
+                too_long.append(f"row {i} ({n} tokens)")
+        if too_long:
+            raise ValueError(
+                f"{len(too_long)} row(s) of retain_dataset exceed max_length={self.args.max_length} with their "
+                f"completion (or leave no room for a generated one), so truncation would cut the reply to keep: "
+                f"{', '.join(too_long[:5])}. Raise max_length or shorten those rows."
+            )
+
+    def _prepare_retain(self) -> None:
+        """Generate the missing retain completions with the model as it is before training (greedy, batched, once)
+        and tokenise the retain rows as TRL tokenises the pairs."""
+        if self._retain is None or self._retain_examples is not None:
+            return
+        rows = self._retain
+        missing = [i for i, row in enumerate(rows) if row["completion"] is None]
+        texts = {i: completion_text(row["completion"], None) for i, row in enumerate(rows) if row["completion"] is not None}
+        if missing:
+            if self.place_model_on_device and not getattr(self, "is_model_parallel", False):
+                self._move_model_to_device(self.model, self.args.device)
+            logger.info("RASA: generating the base model's replies to %d retain prompts", len(missing))
+            replies = generate_completions(
+                unwrap_model(self.model), self._tokenizer, [as_messages(rows[i]["prompt"]) for i in missing],
+                batch_size=self.args.retain_batch_size, max_new_tokens=self.args.retain_max_new_tokens)
+            empty = [i for i, reply in zip(missing, replies) if not reply.strip()]
+            if empty:
+                raise ValueError(
+                    f"the base model's reply to {len(empty)} retain prompt(s) is empty (rows {empty[:10]}), so there "
+                    f"is nothing to retain; give those rows a completion or drop them")
+            texts.update(zip(missing, replies))
+        dataset = Dataset.from_list([
+            {"prompt": as_messages(row["prompt"]), "completion": [{"role": "assistant", "content": texts[i]}]}
+            for i, row in enumerate(rows)
+        ])
+        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, False, None, "retain")
+        if len(prepared) != len(rows):
+            raise ValueError(f"{len(rows) - len(prepared)} retain row(s) have no completion token left after "
+                             f"tokenisation; check their completions and max_length")
+        self._retain_examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
+
+    def _with_retain_rows(self, batch: dict, micro_step: int) -> dict:
+        """The expert-phase micro-batch with its retain rows appended. They follow from the seed and the position of
+        the micro-batch in the run's expert-phase pair stream (expert epochs so far, step in the epoch, micro-batch
+        of the accumulation, process), so a resumed run sees the same rows as an uninterrupted one."""
+        args = self.args
+        steps_per_epoch = max(1, self.state.max_steps // max(1, int(args.num_train_epochs)))
+        expert_epochs_before = sum(self.phase_of_epoch(e) == "expert" for e in range(self._phase_epoch))
+        step_in_epoch = self.state.global_step - self._phase_epoch * steps_per_epoch
+        micro = (expert_epochs_before * steps_per_epoch + step_in_epoch) * args.gradient_accumulation_steps + micro_step
+        micro = micro * self.accelerator.num_processes + self.accelerator.process_index
+        num_pairs = int(batch["input_ids"].shape[0])
+        rows = retain_slots(micro * args.per_device_train_batch_size, num_pairs, args.retain_ratio,
+                            len(self._retain_examples), args.seed)
+        if not rows:
+            return batch
+        extra = self.data_collator.base([dict(self._retain_examples[i]) for i in rows])
+        return append_rows(batch, extra, rows, self._tokenizer.pad_token_id)
+
+    def _retain_items(self, batch_samples: list[dict], device) -> None:
+        """Completion tokens of the pairs and of the retain rows over the optimiser step, counted as Trainer counts
+        ``num_items_in_batch`` (every micro-batch, and every process when tokens are averaged across devices)."""
+        pairs, retain = [], []
+        for batch in batch_samples:
+            num_pairs = batch["input_ids"].shape[0] - len(batch.get("rasa_retain_index", ()))
+            pairs.append({"labels": batch["labels"][:num_pairs]})
+            retain.append({"labels": batch["labels"][num_pairs:]})
+        self._step_items = (self._get_num_items_in_batch(pairs, device), self._get_num_items_in_batch(retain, device))
+
+    def _retain_weighted_loss(self, loss, captured: list, num_pairs: int, num_items_in_batch):
+        """The expert-phase loss of a run with retain rows: the pairs' mean cross-entropy over their completion tokens
+        plus ``retain_loss_weight`` times the retain rows' mean over theirs. Each mean is over its part's tokens of the
+        optimiser step (local tokens when Trainer counts none), so however many tokens the retain rows bring they
+        never dilute the refusal objective. Built from TRL's per-token log-probabilities, scaled as TRL scales its own
+        loss (see ``SFTTrainer.compute_loss``)."""
+        out = captured[0] if captured else None
+        log_probs = getattr(out, "log_probs", None)
+        if log_probs is None or (torch.is_grad_enabled() and not log_probs.requires_grad):
+            raise RuntimeError("the retain-weighted loss needs TRL's per-token log-probabilities with gradients (its "
+                               "default loss path); this forward gave none")
+        per_token = -log_probs
+        if self.args.loss_type == "dft":
+            per_token = per_token * log_probs.exp().detach()
+        mask = out.label_mask
+        if num_items_in_batch is not None and self._step_items[0] is not None:
+            pair_items, retain_items = self._step_items
+        else:
+            pair_items, retain_items = mask[:num_pairs].sum(), mask[num_pairs:].sum()
+        clamp = lambda n: torch.as_tensor(n, device=per_token.device).clamp(min=1)  # noqa: E731 - as TRL: 0 tokens, 0 loss
+        weighted = (per_token[:num_pairs].sum() / clamp(pair_items)
+                    + self.args.retain_loss_weight * per_token[num_pairs:].sum() / clamp(retain_items))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            weighted = weighted * (self.accelerator.num_processes // self.get_tp_size())
+        return (weighted, *loss[1:]) if isinstance(loss, tuple) else weighted
+
+    def _log_split_losses(self, captured: list, num_pairs: int) -> None:
+        """``completion_loss`` (the pairs) and ``retain_loss`` (the retain rows): the mean cross-entropy over each
+        part's completion tokens in this micro-batch."""
+        if not captured or getattr(captured[0], "log_probs", None) is None:
+            return  # a forward that gives no per-token log-probabilities (e.g. a custom compute_loss_func)
+        out = captured[0]
+        log_probs, mask = out.log_probs.detach(), out.label_mask.detach()
+        for key, part in (("completion_loss", slice(0, num_pairs)), ("retain_loss", slice(num_pairs, None))):
+            tokens = mask[part].sum()
+            if tokens > 0:
+                self._metrics["train"][key].append(float(-(log_probs[part] * mask[part]).sum() / tokens))

@@ -183,3 +183,65 @@ def test_hooks_are_removed_after_the_block():
         model(**batch())
     assert rec.num_calls == 1
     assert all(not layer.router._forward_hooks for layer in moe_layers(model))
+
+
+def _assignment_shift_all_at_once(current, reference):
+    """The formula before token chunking: every token's [L, k, k] comparison at once."""
+    kept = (current.long().unsqueeze(-1) == reference.long().unsqueeze(-2)).any(dim=-1)
+    return 1.0 - kept.float().mean()
+
+
+@pytest.mark.parametrize("tokens", [1, 4095, 4096, 4097, 10_000])
+def test_assignment_shift_in_token_chunks_equals_the_whole_comparison(tokens):
+    """The routing-shift metric compares top-k sets token by token in chunks (its memory no longer grows with the data
+    set: ~9 KB per token at L=48, k=8 before); the value is bit-identical to the all-at-once formula, chunk edges
+    included, for int16 cache indices against int64 live ones."""
+    from rasa_trainer.moe.replay_cache import assignment_shift
+
+    g = torch.Generator().manual_seed(tokens)
+    current = torch.randint(0, 8, (tokens, 3, 2), generator=g, dtype=torch.int64)
+    reference = torch.randint(0, 8, (tokens, 3, 2), generator=g).to(torch.int16)
+    value = assignment_shift(current, reference)
+    assert value.dtype == torch.float32
+    assert torch.equal(value, _assignment_shift_all_at_once(current, reference))
+    assert assignment_shift(current, current).item() == 0.0
+    assert assignment_shift(current, torch.full_like(current, 9)).item() == 1.0  # no expert in common
+
+
+def test_repairs_follow_the_experts_device():
+    """The repairs' ``selected`` buffer is created where the experts live (on a CUDA or device_map model it used to
+    stay on the CPU, and the forward's searchsorted/isin against the routing indices failed): on the meta device
+    here, the one non-CPU device every machine has."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from rasa_trainer.repairs.layer import attach_repairs, repair_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"))
+    attach_repairs(model, {0: [1, 3]}, "delta")
+    repairs = [r for _, r in repair_modules(model)]
+    assert repairs and all(r.selected.device.type == "meta" for r in repairs)
+    assert all(p.device.type == "meta" for r in repairs for p in r.parameters())
+
+
+def test_fp32_routers_compute_in_fp32_under_bf16_autocast():
+    """A model loaded in fp32 and trained with bf16=True runs under bf16 autocast: the routers must still compute
+    their logits in fp32 (the hooks used to be installed only on routers that were not fp32 already)."""
+    from rasa_trainer.repairs.layer import restore_routers, upcast_routers
+
+    model = tiny_model("qwen3_moe").float()
+    inputs = batch()
+    upcast_routers(model)
+    try:
+        seen = []
+        handles = [l.router.register_forward_hook(lambda m, a, out: seen.append(out[0].dtype)) for l in moe_layers(model)]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**inputs)
+        for h in handles:
+            h.remove()
+        assert len(seen) == len(moe_layers(model)) and all(dtype == torch.float32 for dtype in seen)
+    finally:
+        restore_routers(model)
+    assert all(p.dtype == torch.float32 for l in moe_layers(model) for p in l.router.parameters())
+    assert not any(hasattr(l.router, "_rasa_router_hooks") for l in moe_layers(model))

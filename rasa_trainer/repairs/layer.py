@@ -86,9 +86,10 @@ class ExpertRepairs(nn.Module):
         self.mode, self.rank, self.alpha, self.scaling = mode, rank, alpha, alpha / rank
         self.enabled, self.merged = True, False
         self._unmerged: dict[str, torch.Tensor] = {}
-        self.register_buffer("selected", torch.tensor(sorted(selected), dtype=torch.long))
-        self.names = [n for n, p in experts.named_parameters(recurse=False) if _full_shape(p)[0] == _num_experts(experts)]
         device = next(experts.parameters()).device
+        # on the experts' device: the forward compares it with routing indices there (searchsorted, isin)
+        self.register_buffer("selected", torch.tensor(sorted(selected), dtype=torch.long, device=device))
+        self.names = [n for n, p in experts.named_parameters(recurse=False) if _full_shape(p)[0] == _num_experts(experts)]
         for name in self.names:
             shape = (len(selected), *_full_shape(getattr(experts, name))[1:])
             if mode == "delta":
@@ -515,7 +516,9 @@ def upcast_routers(model: nn.Module) -> list[nn.Parameter]:
                 f"them in full precision, e.g. BitsAndBytesConfig(llm_int8_skip_modules=[\"{layer.router_name.rsplit('.', 1)[-1]}\", "
                 f"\"lm_head\"])"
             )
-        if any(p.dtype != torch.float32 for p in router.parameters()) and not hasattr(router, "_rasa_router_hooks"):
+        if not hasattr(router, "_rasa_router_hooks"):
+            # fp32 routers get the hooks too: under bf16 autocast (a model loaded in fp32, trained with bf16=True)
+            # their matmul would otherwise run in bf16
             router._rasa_original_dtype = next(p.dtype for p in router.parameters())
             router.float()
             router._rasa_router_hooks = (

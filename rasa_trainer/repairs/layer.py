@@ -42,7 +42,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 from ..moe.discovery import MoELayer, _full_shape, moe_layers, unwrap_model
 
 __all__ = [
-    "ExpertRepairs", "attach_repairs", "disable_repairs", "merge_repairs", "merged_state_dict", "repair_modules",
+    "ExpertRepairs", "attach_repairs", "disable_repairs", "merge_repairs", "merged_for_saving", "merged_state_dict",
+    "repair_modules",
     "restore_routers", "unload_repairs", "unmerge_repairs", "upcast_routers",
 ]
 
@@ -485,6 +486,45 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
             merged[selected] = _merge_slices(merged[selected], delta)
             state[key] = merged
     return {k: v for k, v in state.items() if ".rasa_repairs." not in k}
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def merged_for_saving(model: nn.Module, state: dict[str, torch.Tensor] | None = None):
+    """:func:`merged_state_dict` without the copies, for writing a checkpoint: the repairs are written into the fused
+    expert tensors of the state dict in place, one expert parameter at a time, and the original slices of the
+    selected experts are restored bit-exactly on exit (also when the save raises).
+
+    ``merged_state_dict`` clones every repaired layer's fused tensors at once, on the device of the live weights: a
+    global selection touches nearly every layer, so a mid-training save briefly doubled the expert weights (an
+    80 GB card running the one-GPU Qwen3-30B-A3B plan would run out of memory at its first ``save_steps``). Here the
+    only copies are the selected experts' original slices, kept in host memory; the device holds one parameter's
+    selected slices at a time beyond the model. ``state`` as in :func:`merged_state_dict` (its tensors may alias the
+    live weights, as ``model.state_dict()``'s do: both are restored).
+    """
+    base = unwrap_model(model)
+    state = dict(state if state is not None else base.state_dict())
+    originals: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, selected, original slices)
+    try:
+        for layer, repairs in repair_modules(base):
+            if repairs.merged:
+                continue  # already in the fused weights
+            prefix = f"{layer.experts_name}.rasa_repairs."
+            selected = state[f"{prefix}selected"].long()
+            for name in repairs.names:
+                delta = _delta_from_state(state, prefix, name, repairs)
+                if delta is None:
+                    continue
+                fused = state[f"{layer.experts_name}.{name}"]
+                selected_here = selected.to(fused.device)
+                slices = fused[selected_here]  # a copy (advanced indexing): the original slices
+                originals.append((fused, selected_here, slices.to("cpu")))
+                fused[selected_here] = _merge_slices(slices, delta)
+                del slices
+        yield {k: v for k, v in state.items() if ".rasa_repairs." not in k}
+    finally:
+        for fused, selected_here, slices in reversed(originals):
+            fused[selected_here] = slices.to(fused.device)
 
 
 def _delta_from_state(state: dict[str, torch.Tensor], prefix: str, name: str, repairs: ExpertRepairs):

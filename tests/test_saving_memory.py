@@ -84,3 +84,36 @@ def test_a_save_holds_the_selected_slices_not_a_copy_of_every_repaired_layer():
     copies, merged = _allocated_peak(with_copies), _allocated_peak(in_place)
     assert copies >= fused
     assert merged <= 3 * selected_slices, (merged, selected_slices, fused)
+
+
+@pytest.mark.parametrize("mode", ["delta", "lora"])
+def test_the_memory_plan_counts_a_save(mode):
+    """``estimate_memory`` gains the save: the selected experts' original slices held on the host
+    (``save_host_bytes``) and one fused parameter's transient merge on the device (``save_merge``, inside the peak);
+    together they bound what the CPU allocator measures for ``merged_for_saving`` on the same model, and the host
+    part is what it holds throughout."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from rasa_trainer.memory import estimate_memory
+
+    config = tiny_config("qwen3_moe", hidden_size=128, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4,
+                         head_dim=32)
+    plan = estimate_memory(config, 0.25, expert_tuning=mode, dtype="bfloat16", batch_size=2, seq_len=8)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    attach_repairs(model, {l.index: [0, 5, 9, 12] for l in moe_layers(model)}, mode)  # 4 of 16 in every layer
+    with torch.no_grad():
+        for _, repairs in repair_modules(model):
+            for p in repairs.parameters():
+                p.normal_(0, 0.05)
+
+    def in_place():
+        with merged_for_saving(model):
+            pass
+
+    measured = _allocated_peak(in_place)
+    phase = plan.phases["expert"]
+    assert phase.save_merge > 0 and plan.phases["router"].save_merge == phase.save_merge
+    assert plan.save_host_bytes <= measured <= plan.save_host_bytes + phase.save_merge, (measured, plan.save_host_bytes,
+                                                                                        phase.save_merge)
+    assert phase.total >= phase.weights + phase.optimizer_state + phase.save_merge

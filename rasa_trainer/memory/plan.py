@@ -79,6 +79,7 @@ class PhaseMemory:
     no_grad_forward: int = 0
     allocator_slack: int = 0
     device_context: int = 0
+    save_merge: int = 0  # a checkpoint's in-place merge: one fused parameter's selected slices, gathered and merged
     saved_per_layer: list = field(default_factory=list)  # bytes each decoder layer saves for backward (no checkpointing)
 
     @property
@@ -87,10 +88,12 @@ class PhaseMemory:
         of backward (saved activations plus the backward transient), the optimiser step (gradients plus the step's
         temporaries) and a forward without gradients while repairs are attached (gradients of a micro-batch before it
         plus its largest layer's working set). Gradients grow while activations are freed during backward, so
-        the two never peak together. This is what ``torch.cuda.max_memory_allocated`` reports."""
+        the two never peak together. A checkpoint save between steps merges the repairs in place, one fused
+        parameter's selected slices at a time (:attr:`save_merge`; the original slices wait in host memory,
+        :attr:`MemoryEstimate.save_host_bytes`). This is what ``torch.cuda.max_memory_allocated`` reports."""
         return (self.weights + self.optimizer_state + self.replay_cache
                 + max(self.activations + self.transient, self.gradients + self.optimizer_step,
-                      self.gradients + self.no_grad_forward))
+                      self.gradients + self.no_grad_forward, self.save_merge))
 
     @property
     def device_total(self) -> int:
@@ -121,6 +124,7 @@ class MemoryEstimate:
     replay_initial_bytes_per_token: int
     phases: dict[str, PhaseMemory]
     settings: dict = field(default_factory=dict)
+    save_host_bytes: int = 0  # the selected experts' original slices a save keeps on the host while merged
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -448,6 +452,14 @@ def estimate_memory(
         weight_bytes=weight_bytes_cached, mixed_precision=mixed_precision, allocator_slack=allocator_slack,
         device_context_bytes=device_context_bytes,
     )
+    if has_expert:  # repairs exist in every phase of the run, so any save merges them
+        slice_numel = per_layer_selected * max(getattr(l.experts, n)[0].numel() for l in layers
+                                               for n in l.expert_parameter_names())
+        # gathered slices (dtype), their fp32 copy and sum, the merged result (dtype); LoRA adds its B @ A (fp32)
+        merge = slice_numel * (2 * b + 8 + (4 if expert_tuning == "lora" else 0))
+        for name in ("expert", "router"):
+            if name in phases:
+                phases[name].save_merge = merge
     for phase in phases.values():
         phase.allocator_slack = int(allocator_slack * (phase.total - phase.weights))
         phase.device_context = device_context_bytes
@@ -459,4 +471,5 @@ def estimate_memory(
         trainable_parameters_router=trainable_router, replay_cache_bytes_per_token=per_token,
         replay_cache_copies=copies, replay_cache_bytes=cache_total, replay_initial_bytes_per_token=initial_per_token,
         phases=phases, settings=settings,
+        save_host_bytes=selected * params_per_expert * b if has_expert else 0,
     )

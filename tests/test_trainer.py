@@ -146,7 +146,7 @@ class RecordingTrainer(RASATrainer):
         rows = inputs.get("rasa_index")
         with record_routing(model, probabilities=False) as rec:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self._phase == "expert":
+        if self.phases.phase == "expert":
             routing = real_tokens(rec.routing(), inputs["attention_mask"].cpu())
             self.used.append((rows.clone(), routing.stacked_indices(), inputs["attention_mask"].cpu()))
         return loss
@@ -158,21 +158,21 @@ def test_expert_phase_keeps_phase_start_routing(tmp_path):
     trainer.used = []
     trainer.train()
     assert len(trainer.used) == 6  # 2 epochs x 3 steps
-    cache = trainer._routing_cache  # routing at the start of the last expert phase
+    cache = trainer.routing.cache  # routing at the start of the last expert phase
     for rows, used, mask in trainer.used[3:]:
-        expected = cache.batch_routing(trainer._positions(rows), mask)
+        expected = cache.batch_routing(trainer.routing.positions(rows), mask)
         expected = real_tokens(expected, mask).stacked_indices()
         assert torch.equal(used.long(), expected.long())
     # and without replay the trained model would route some of these tokens elsewhere
     rows, _, mask = trainer.used[-1]
     batch = trainer.data_collator.base([
         {"input_ids": trainer.train_dataset[int(p)]["input_ids"], "labels": trainer.train_dataset[int(p)]["labels"]}
-        for p in trainer._positions(rows)
+        for p in trainer.routing.positions(rows)
     ])
     with torch.no_grad(), record_routing(trainer.model, probabilities=False) as rec:
         trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     free = real_tokens(rec.routing(), batch["attention_mask"]).stacked_indices()
-    first = real_tokens(trainer._initial_routing.batch_routing(trainer._positions(rows), batch["attention_mask"]), batch["attention_mask"]).stacked_indices()
+    first = real_tokens(trainer.routing.initial.batch_routing(trainer.routing.positions(rows), batch["attention_mask"]), batch["attention_mask"]).stacked_indices()
     assert not torch.equal(free.long(), first.long())
 
 
@@ -193,7 +193,6 @@ def test_router_kl_falls_over_router_phase(tmp_path):
     # anchors route through the same routers, so the target moves too; the KL still falls over enough steps
     trainer = make_trainer(tmp_path, "olmoe", rasa_schedule="router_only", rasa_rounds=16, router_learning_rate=3e-2,
                            per_device_train_batch_size=6, logging_steps=100, router_loss="pooled")
-    trainer._initial_routing = None
     before = _mean_kl(trainer)
     trainer.train()
     after = _mean_kl(trainer)
@@ -218,7 +217,7 @@ def test_prompt_and_padding_carry_no_loss(tmp_path):
     labels, mask, ids = batch["labels"], batch["attention_mask"], batch["input_ids"]
     assert (labels[mask == 0] == -100).all()
     for b in range(ids.shape[0]):
-        row = trainer.train_dataset[int(trainer._positions(batch["rasa_index"][b:b + 1])[0])]
+        row = trainer.train_dataset[int(trainer.routing.positions(batch["rasa_index"][b:b + 1])[0])]
         prompt_len = len(tokenizer.apply_chat_template(
             tiny_pairs()[int(batch["rasa_index"][b])]["prompt"], tokenize=True, add_generation_prompt=True)["input_ids"])
         assert (labels[b, :prompt_len] == -100).all()
@@ -230,7 +229,7 @@ def test_prompt_and_padding_carry_no_loss(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
         manual = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        trainer._phase = "full"
+        trainer.phases.set_phase("full")
         model.train()
         loss = trainer.compute_loss(model, {k: v for k, v in batch.items()})
     torch.testing.assert_close(loss, manual, rtol=1e-4, atol=1e-5)
@@ -383,9 +382,9 @@ def test_router_logits_setting_restored_after_training(tmp_path):
 def test_caches_keep_weights_only_when_replayed(tmp_path):
     cached = make_trainer(tmp_path / "c", "qwen3_moe", rasa_schedule="expert_only")
     cached.train()
-    assert cached._routing_cache.weights is not None and cached._initial_routing.weights is None
+    assert cached.routing.cache.weights is not None and cached.routing.initial.weights is None
     recompute = make_trainer(tmp_path / "r", "qwen3_moe", rasa_schedule="expert_only", replay_weights="recompute")
     recompute.train()
-    assert recompute._routing_cache.weights is None
-    assert recompute._routing_cache.nbytes_per_token() == 2 * 2 * 2  # 2 MoE layers x top-2 x int16
+    assert recompute.routing.cache.weights is None
+    assert recompute.routing.cache.nbytes_per_token() == 2 * 2 * 2  # 2 MoE layers x top-2 x int16
     assert any(h.get("completion_loss", 9) < cached.state.log_history[0]["completion_loss"] for h in recompute.state.log_history)

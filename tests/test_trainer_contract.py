@@ -19,6 +19,7 @@ from tiny_chat import tiny_chat_tokenizer, tiny_pairs
 from rasa_trainer import RASAConfig, RASATrainer
 from rasa_trainer.moe.discovery import moe_layers
 from rasa_trainer.moe.replay_cache import RoutingCache
+from rasa_trainer.training.phases import check_selected_experts_reached
 from rasa_trainer.detection.selection import SafetyCriticalExperts, SelectedExpert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,15 +151,15 @@ def test_group_grad_norms_are_measured_before_clipping(tmp_path):
                            max_grad_norm=1e-4, expert_learning_rate=0.0)
     collated = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(len(trainer.train_dataset))])
     inputs = {k: v for k, v in collated.items() if k in ("input_ids", "attention_mask", "labels")}
-    trainer._phase = "router"
+    trainer.phases.set_phase("router")
     trainer.model.train()
     loss = trainer._router_loss(trainer.model, inputs, collated["anchor_input_ids"], collated["anchor_attention_mask"],
                                 None, None, context=collated["rasa_context_mask"])
     loss.backward()
-    routers = trainer._groups["routers"]
+    routers = trainer.param_groups.groups["routers"]
     by_hand = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in routers])).item()
     trainer.model.zero_grad(set_to_none=True)
-    trainer._phase = None
+    trainer.phases.set_phase(None)
     trainer._metrics["train"].clear()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -294,11 +295,10 @@ def test_selected_experts_no_token_reaches(tmp_path, caplog):
     indices = torch.tensor([[[1, 0], [2, 4]]] * 5, dtype=torch.int16)
     cache = RoutingCache(indices, None, torch.tensor([0, 5]))
     with caplog.at_level("WARNING", logger="rasa_trainer.training.phases"):
-        trainer._check_selected_experts_reached(cache)
+        check_selected_experts_reached(trainer.selection.by_moe_layer(), cache.indices)
     assert "1 of 3 selected experts receive no training token" in caplog.text and "expert 3" in caplog.text
     with pytest.raises(ValueError, match="no training token is routed to any of the 3 selected experts"):
-        trainer._check_selected_experts_reached(RoutingCache(torch.full((5, 2, 2), 7, dtype=torch.int16), None,
-                                                             torch.tensor([0, 5])))
+        check_selected_experts_reached(trainer.selection.by_moe_layer(), torch.full((5, 2, 2), 7, dtype=torch.int16))
 
 
 def test_detection_waits_for_train_and_needs_a_whole_model(tmp_path):

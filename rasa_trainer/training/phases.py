@@ -1,169 +1,143 @@
-"""The two RASA phases over the epochs: which phase an epoch runs, switching the trainable group at its start,
-recording the routing the expert phase replays (and the run-start routing the shift metric compares with), replaying
-it around each expert-phase training step, and keeping the inactive group out of the optimiser step.
+"""The phase controller: the phase each epoch runs, switching the trainable group at its start, recording the routing
+the expert phase replays (and the run-start routing the shift metrics compare with), replaying it around each
+expert-phase training step, and keeping the inactive group out of the optimiser step.
 
+:class:`PhaseController` is the ``TrainerCallback`` Trainer drives (train begin and end, epoch begin, before the
+optimiser step). It owns the phase and drives the parameter groups (``param_groups.py``) and the routing records
+(``routing_replay.py``) it is given; the model and the metrics come in as explicit arguments.
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 
-from ..moe.replay_cache import RoutingCache, assignment_shift
-from ..moe.routing import replay_routing
-
-if TYPE_CHECKING:
-    from .trainer import RASATrainer
+from .param_groups import ParameterGroups
+from .routing_replay import RoutingReplay
+from .schedule import ACTIVE_GROUP, PHASE_CODES, expert_epochs_before, phase_of_epoch
 
 logger = logging.getLogger(__name__)
 
-PHASE_CODES = {"full": 0, "expert": 1, "router": 2}
+__all__ = ["ACTIVE_GROUP", "PHASE_CODES", "PhaseController", "check_selected_experts_reached"]
 
 
-class RASAPhaseCallback(TrainerCallback):
-    """Switches phases at epoch boundaries and keeps inactive groups out of the optimiser step."""
+def check_selected_experts_reached(experts_by_layer: dict[int, list[int]], indices: torch.Tensor) -> None:
+    """Count the training tokens a routing (``indices [tokens, MoE layers, top-k]``) sends to each selected expert:
+    warn about experts that receive none (they cannot learn), fail when none receives any (the phase would train
+    nothing)."""
+    unreached, counts = [], {}
+    for moe_layer, experts in experts_by_layer.items():
+        per_expert = torch.bincount(indices[:, moe_layer].reshape(-1).long(), minlength=max(experts) + 1)
+        for e in experts:
+            counts[(moe_layer, e)] = int(per_expert[e])
+            if per_expert[e] == 0:
+                unreached.append((moe_layer, e))
+    if len(unreached) == len(counts):
+        raise ValueError(
+            f"no training token is routed to any of the {len(counts)} selected experts, so the expert phase would "
+            f"train nothing: the selection does not fit this model or data (was it detected on another "
+            f"checkpoint?). Detect the experts on this model and these pairs."
+        )
+    if unreached:
+        shown = ", ".join(f"(MoE layer {l}, expert {e})" for l, e in unreached[:20])
+        logger.warning(
+            "RASA: %d of %d selected experts receive no training token and will not learn: %s",
+            len(unreached), len(counts), shown,
+        )
 
-    def __init__(self, trainer: "RASATrainer"):
-        self.trainer = trainer
 
+class PhaseController(TrainerCallback):
+    """Runs the phases of ``schedule`` over the epochs.
+
+    ``groups``: the trainable groups it switches; ``routing``: the routing records it fills and replays; ``model``:
+    returns the model being trained (the trainer's current one); ``metrics``: where the phase-start routing shift is
+    logged (TRL's train metrics); ``resumed``: the resume state a checkpoint load leaves (``initial_routing``, and
+    ``routing_cache`` as ``(epoch, cache)``), each entry consumed once; ``on_train_end``: what runs when training
+    ends.
+    """
+
+    def __init__(self, schedule: str, groups: ParameterGroups, routing: RoutingReplay, *,
+                 model: Callable[[], nn.Module], metrics: MutableMapping[str, list],
+                 resumed: dict[str, Any] | None = None, on_train_end: Callable[[], None] | None = None):
+        self.schedule = schedule
+        self.groups, self.routing = groups, routing
+        self._model, self._metrics = model, metrics
+        self._resumed = resumed if resumed is not None else {}
+        self._on_train_end = on_train_end
+        self.experts_by_layer: dict[int, list[int]] | None = None
+        self.phase: str | None = None
+        self.epoch: int | None = None
+
+    # ------------------------------------------------------------------------------------------ the schedule
+    def phase_of_epoch(self, epoch: int) -> str:
+        """The phase an epoch (0-based) runs: expert, router or full."""
+        return phase_of_epoch(self.schedule, epoch)
+
+    @property
+    def active_group(self) -> str | None:
+        """The parameter group the current phase trains (``None`` outside the phases)."""
+        return ACTIVE_GROUP.get(self.phase)
+
+    @property
+    def phase_code(self) -> int:
+        """The current phase as logged (``phase``)."""
+        return PHASE_CODES[self.phase]
+
+    def expert_epochs_before(self) -> int:
+        """How many epochs before the current one ran the expert phase."""
+        return expert_epochs_before(self.schedule, self.epoch)
+
+    def expect_experts(self, experts_by_layer: dict[int, list[int]] | None) -> None:
+        """The selected experts (MoE layer -> experts) each expert phase's routing must reach."""
+        self.experts_by_layer = experts_by_layer
+
+    def set_phase(self, phase: str | None, epoch: int | None = None) -> None:
+        """Enter ``phase`` without the work of a phase start (no group switch, no routing record): for driving a
+        step by hand outside ``train()``; ``None`` leaves the phases."""
+        self.phase, self.epoch = phase, epoch
+
+    # ------------------------------------------------------------------------------------------ Trainer's events
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._on_train_begin()
+        if self.schedule != "full" and self.routing.initial is None:
+            self.routing.start_run(self._model(), resumed=self._resumed.pop("initial_routing", None))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._restore_router_logits_setting()
-        self.trainer._merge_after_training()
+        if self._on_train_end is not None:
+            self._on_train_end()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is fractional when resuming mid-epoch; the tolerance absorbs float sums like 0.999999
-        self.trainer._begin_phase(math.floor(state.epoch + 1e-6))
+        self.begin_phase(math.floor(state.epoch + 1e-6))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._before_optimizer_step()
+        self.groups.drop_gradients_except(ACTIVE_GROUP[self.phase])
 
-# the parameter group (see rasa_trainer/param_groups.py) each phase trains
-ACTIVE_GROUP = {"expert": "experts", "router": "routers", "full": "full"}
-
-
-class PhasesMixin:
-    """RASATrainer's phase schedule, routing records and routing replay."""
-
-    def phase_of_epoch(self, epoch: int) -> str:
-        """The phase an epoch (0-based) runs: expert, router or full."""
-        schedule = self.args.rasa_schedule
-        if schedule == "full":
-            return "full"
-        if schedule == "expert_only":
-            return "expert"
-        if schedule == "router_only":
-            return "router"
-        return "expert" if epoch % 2 == 0 else "router"
-
-    def _on_train_begin(self) -> None:
-        if self._initial_routing is None and self.args.rasa_schedule != "full":
-            # indices only: the run-start routing feeds the routing-shift metric and is never replayed
-            self._initial_routing = self._resumed.pop("initial_routing", None) or self._record_routing(
-                "initial routing", keep_weights=False)
-
-    def _begin_phase(self, epoch: int) -> None:
+    # ------------------------------------------------------------------------------------------ phase work
+    def begin_phase(self, epoch: int) -> None:
+        """Enter the phase of ``epoch``: only its group trainable; an expert phase records (or resumes) the routing
+        it replays, checks it reaches the selected experts and logs its shift from the run-start routing."""
         phase = self.phase_of_epoch(epoch)
-        self._phase, self._phase_epoch = phase, epoch
-        active = ACTIVE_GROUP[phase]
-        for name, params in self._groups.items():
-            for p in params:
-                p.requires_grad_(name == active)
+        self.phase, self.epoch = phase, epoch
+        self.groups.activate(ACTIVE_GROUP[phase])
         if phase == "expert":
-            resumed = self._resumed.pop("routing_cache", None)
-            if resumed is not None and resumed[0] == epoch:
-                self._routing_cache = resumed[1]
-            else:
-                # the weights are only replayed in "cached" mode; "recompute" takes them from the live routers
-                self._routing_cache = self._record_routing(
-                    f"routing of epoch {epoch}", keep_weights=self.args.replay_weights == "cached", retain=True)
-            self._check_selected_experts_reached(self._routing_cache)
-            # all real tokens of the training pairs (the cache's first rows; retain rows follow), now vs at the start
-            # of the run (logged once per expert phase)
-            pair_tokens = self._initial_routing.indices.shape[0]
-            shift = assignment_shift(self._routing_cache.indices[:pair_tokens], self._initial_routing.indices)
-            self._metrics["train"]["routing_shift_phase_start"] = [float(shift)]
+            self.routing.start_expert_phase(self._model(), epoch, resumed=self._resumed.pop("routing_cache", None))
+            check_selected_experts_reached(self.experts_by_layer, self.routing.cache.indices)
+            # all real tokens of the training pairs, now vs at the start of the run (logged once per expert phase)
+            self._metrics["routing_shift_phase_start"] = [self.routing.phase_start_shift()]
         logger.info("RASA: epoch %d runs the %s phase", epoch, phase)
 
-    def _check_selected_experts_reached(self, cache: RoutingCache) -> None:
-        """Count the training tokens the phase-start routing sends to each selected expert: warn about experts that
-        receive none (they cannot learn), fail when none receives any (the phase would train nothing)."""
-        indices = cache.indices
-        unreached, counts = [], {}
-        for moe_layer, experts in self.selection.by_moe_layer().items():
-            per_expert = torch.bincount(indices[:, moe_layer].reshape(-1).long(), minlength=max(experts) + 1)
-            for e in experts:
-                counts[(moe_layer, e)] = int(per_expert[e])
-                if per_expert[e] == 0:
-                    unreached.append((moe_layer, e))
-        if len(unreached) == len(counts):
-            raise ValueError(
-                f"no training token is routed to any of the {len(counts)} selected experts, so the expert phase would "
-                f"train nothing: the selection does not fit this model or data (was it detected on another "
-                f"checkpoint?). Detect the experts on this model and these pairs."
-            )
-        if unreached:
-            shown = ", ".join(f"(MoE layer {l}, expert {e})" for l, e in unreached[:20])
-            logger.warning(
-                "RASA: %d of %d selected experts receive no training token and will not learn: %s",
-                len(unreached), len(counts), shown,
-            )
-
-    def _record_routing(self, what: str, keep_weights: bool, retain: bool = False) -> RoutingCache:
-        """The routing of every training example under the current model (eval mode, no gradients); with ``retain``
-        the retain rows follow the pairs (cache row ``len(train_dataset) + i`` is retain row ``i``)."""
-        model, was_training = self.model, self.model.training
-        model.eval()
-        try:
-            batches = self._ordered_batches(retain)
-            cache = RoutingCache.record(model, batches, device=self.args.replay_cache_device, keep_weights=keep_weights)
-        finally:
-            model.train(was_training)
-        logger.info("RASA: recorded %s for %d examples (%d B per token)", what, cache.num_examples, cache.nbytes_per_token())
-        return cache
-
-    def _ordered_batches(self, retain: bool = False):
-        dataset = self.train_dataset
-        size = max(1, self.args.per_device_train_batch_size)
-        base = self.data_collator.base
-        for start in range(0, len(dataset), size):
-            rows = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
-            batch = base([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
-            yield {k: v.to(self.args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        examples = self._retain_examples if retain else None
-        for start in range(0, len(examples or []), size):
-            batch = base([dict(r) for r in examples[start:start + size]])
-            yield {k: v.to(self.args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-
-    def _positions(self, rows: torch.Tensor) -> torch.Tensor:
-        """Positions in the prepared training set (and routing caches) of the given contract rows; TRL may have
-        dropped rows, so the two differ."""
-        if getattr(self, "_row_positions", None) is None:
-            self._row_positions = {int(r): i for i, r in enumerate(self.train_dataset["rasa_index"])}
-        return torch.tensor([self._row_positions[int(r)] for r in rows.tolist()], dtype=torch.long)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._phase != "expert":
-            return super().training_step(model, inputs, num_items_in_batch)
-        # Replay stays active through backward: gradient checkpointing recomputes the layers there, and the recompute
-        # must see the replayed routing too.
-        positions = self._positions(inputs["rasa_index"])
-        if "rasa_retain_index" in inputs:  # retain rows follow the pairs, in the batch and in the routing cache
-            positions = torch.cat([positions, len(self.train_dataset) + inputs["rasa_retain_index"].cpu()])
-        routing = self._routing_cache.batch_routing(positions, inputs["attention_mask"])
-        with replay_routing(model, routing, weights=self.args.replay_weights):
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    def _before_optimizer_step(self) -> None:
-        active = ACTIVE_GROUP[self._phase]
-        for name, params in self._groups.items():
-            if name != active:
-                for p in params:
-                    p.grad = None  # DDP may hand back zero gradients; None keeps AdamW from touching the group
+    def replay(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+        """Around an expert-phase training step (forward and backward: gradient checkpointing recomputes the layers
+        in backward, and the recompute must see the replayed routing too) the phase-start routing of the batch is
+        replayed; other phases replay nothing."""
+        if self.phase != "expert":
+            return contextlib.nullcontext()
+        return self.routing.replay(model, inputs)

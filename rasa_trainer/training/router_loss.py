@@ -1,110 +1,84 @@
-"""The router phase's loss: KL between the router probabilities of the anchor and the adversarial contexts, per pair
-(or pooled per micro-batch), averaged over the MoE layers, scaled so the objective does not depend on how the pairs are
-batched, accumulated or spread over processes.
+"""The router phase's loss: the two forwards (anchor context without gradients, adversarial context with them), the
+router-consistency KL between their router probabilities (``losses.router_consistency_kl``), the count of pairs in the
+optimiser step the per-pair form divides by, and the scaling that keeps the objective independent of how the pairs are
+batched, accumulated or spread over processes (``losses.scale_router_loss``).
 
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
-from ..moe.replay_cache import assignment_shift
-from ..moe.routing import record_routing
+from ..moe.routing import Routing, record_routing
+from .losses import kl as _kl  # noqa: F401 - the names the distributed test jobs import from here
+from .losses import masked_mean as _masked_mean  # noqa: F401
+from .losses import router_consistency_kl, scale_router_loss
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values [N, E]`` over the rows where the flat ``mask [N]`` is set."""
-    mask = mask.reshape(-1).to(values.device)
-    if not mask.any():
-        raise ValueError("a batch has no context tokens to average router probabilities over")
-    return values[mask].mean(dim=0)
+__all__ = ["RouterLoss", "router_context"]
 
 
-def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dimension (one value per leading index)."""
-    eps = 1e-12
-    return (p * ((p + eps).log() - (q + eps).log())).sum(dim=-1)
+def router_context(inputs: dict[str, torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
+    """The adversarial tokens the router probabilities are averaged over: ``context`` (the prompt tokens the collator
+    marks), else the batch's ``rasa_context_mask``, else its unlabelled real tokens; never padding."""
+    if context is None:
+        context = inputs["rasa_context_mask"] if "rasa_context_mask" in inputs else (
+            (inputs["labels"] == -100) & inputs["attention_mask"].bool())
+    return context.bool() & inputs["attention_mask"].bool()
 
 
-def _per_pair_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per example, the mean of ``values [B * T, E]`` over its positions where ``mask [B, T]`` is set: ``[B, E]``."""
-    batch, length = mask.shape
-    weights = mask.to(values.device, values.dtype).reshape(batch, length, 1)
-    counts = weights.sum(dim=1)
-    if (counts == 0).any():
-        raise ValueError("an example has no context tokens to average router probabilities over")
-    return (values.reshape(batch, length, -1) * weights).sum(dim=1) / counts
+class RouterLoss:
+    """The router-consistency loss of the router phase: ``router_loss`` (``per_pair`` or ``pooled``) and
+    ``kl_direction`` (``forward``, ``reverse``, ``symmetric``).
 
+    ``router_loss="pooled"`` (the authors'): token-mean probabilities over all anchor tokens and all prompt tokens of
+    the micro-batch, one KL per micro-batch and process. ``"per_pair"``: token-mean probabilities per example, one KL
+    per (adversarial, anchor) pair, averaged over the pairs of the whole optimiser step (every micro-batch and
+    process), so the objective does not depend on how the pairs are batched.
+    """
 
-class RouterLossMixin:
-    """RASATrainer's router-consistency loss."""
+    def __init__(self, router_loss: str = "per_pair", kl_direction: str = "forward"):
+        self.per_pair = router_loss == "per_pair"
+        self.direction = kl_direction
+        self.pairs_in_step: int | None = None  # pairs of the current optimiser step on every process (per_pair)
 
-    def _router_loss(self, model, inputs, anchor_ids, anchor_mask, rows, num_items_in_batch, context=None):
-        """The router-consistency loss of one micro-batch: KL(anchor || adversarial) (``kl_direction``) of the router
-        probability over experts, averaged over the MoE layers.
+    def count_step_pairs(self, batch_samples: list[dict], device: torch.device | str, num_processes: int = 1,
+                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """The pairs of the optimiser step ``batch_samples`` make, over every micro-batch and (with ``gather``)
+        every process, as Trainer counts ``num_items_in_batch`` for tokens."""
+        pairs = torch.tensor(sum(int(b["input_ids"].shape[0]) for b in batch_samples), device=device)
+        if num_processes > 1:
+            pairs = gather(pairs.reshape(1)).sum()
+        self.pairs_in_step = int(pairs)
 
-        ``router_loss="pooled"`` (the authors'): token-mean probabilities over all anchor tokens and all prompt
-        tokens of the micro-batch, one KL per micro-batch and process. ``"per_pair"``: token-mean probabilities per
-        example, one KL per (adversarial, anchor) pair, averaged over the pairs of the whole optimiser step (every
-        micro-batch and process), so the objective does not depend on how the pairs are batched.
-        """
+    def kl(self, model: nn.Module, inputs: dict[str, torch.Tensor], anchor_ids: torch.Tensor | None,
+           anchor_mask: torch.Tensor, context: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        """The KL of one micro-batch (``inputs``: the adversarial contexts) averaged over the MoE layers (per pair
+        ``[B]``, or pooled: a scalar), the adversarial forward's routing, and the context mask it averaged over
+        (see :func:`router_context`)."""
         if anchor_ids is None:
             raise ValueError("the router phase needs anchor contexts; the batch has no anchor_input_ids")
-        if context is None:
-            context = inputs["rasa_context_mask"] if "rasa_context_mask" in inputs else (
-                (inputs["labels"] == -100) & inputs["attention_mask"].bool())
-        context = context.bool() & inputs["attention_mask"].bool()
+        context = router_context(inputs, context)
         with torch.no_grad(), record_routing(model, probabilities=True) as anchor_rec:
             model(input_ids=anchor_ids, attention_mask=anchor_mask, use_cache=False, logits_to_keep=1)
         with record_routing(model, probabilities=True, detach=False) as adv_rec:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
                             logits_to_keep=1)
         anchor, adversarial = anchor_rec.routing(), adv_rec.routing()
-        per_pair = self.args.router_loss == "per_pair"
-        terms = []
-        for p_anchor_tokens, p_adv_tokens in zip(anchor.probabilities, adversarial.probabilities):
-            if per_pair:
-                p_anchor = _per_pair_mean(p_anchor_tokens, anchor_mask.bool())  # [B, E]
-                p_adv = _per_pair_mean(p_adv_tokens, context)
-                terms.append(self._kl_term(p_anchor, p_adv))  # [B]
-            else:
-                p_anchor = _masked_mean(p_anchor_tokens, anchor_mask.bool())
-                p_adv = _masked_mean(p_adv_tokens, context)
-                terms.append(self._kl_term(p_anchor, p_adv))
-        kl = torch.stack(terms).mean(dim=0)  # mean over MoE layers: a scalar (pooled) or one value per pair
+        kl = router_consistency_kl(anchor.probabilities, adversarial.probabilities, anchor_mask.bool(), context,
+                                   per_pair=self.per_pair, direction=self.direction)
         # a zero-valued path through the model's output: FSDP2 re-gathers a unit's parameters for backward from its
         # output's gradient hooks, and the router terms alone leave the last units without one
-        kl = kl + 0.0 * outputs.logits.float().sum()
-        self._metrics["train"]["router_kl"].append(kl.detach().mean().item())
-        if self._initial_routing is not None and rows is not None:
-            # prompt tokens of this batch, now vs at the start of the run
-            start = self._initial_routing.batch_routing(self._positions(rows), inputs["attention_mask"])
-            flat = context.reshape(-1).cpu()
-            shift = assignment_shift(adversarial.stacked_indices().cpu()[flat], start.stacked_indices()[flat])
-            self._metrics["train"]["routing_shift_prompt"].append(float(shift))
-        trainer_divides = not self._loss_scaled_for_accumulation(num_items_in_batch)
-        if per_pair:
-            if not (self.is_in_train and self._pairs_in_step):
-                return kl.mean()  # outside Trainer's loop: the mean over this batch's pairs
-            # sum over this micro-batch's pairs / pairs of the whole step on every process; DDP averages gradients
-            # over processes, hence the factor; Trainer's own division by the accumulation steps is undone
-            loss = kl.sum() * self.accelerator.num_processes / self._pairs_in_step
-            return loss * self.current_gradient_accumulation_steps if trainer_divides else loss
-        # a micro-batch mean: averaged over the accumulation steps (by Trainer, or here when Trainer leaves it to
-        # the loss); DDP averages the processes' gradients
-        return kl if trainer_divides else kl / self.current_gradient_accumulation_steps
+        return kl + 0.0 * outputs.logits.float().sum(), adversarial, context
 
-    def _kl_term(self, p_anchor: torch.Tensor, p_adv: torch.Tensor) -> torch.Tensor:
-        direction = self.args.kl_direction
-        if direction == "forward":
-            return _kl(p_anchor, p_adv)
-        if direction == "reverse":
-            return _kl(p_adv, p_anchor)
-        return 0.5 * (_kl(p_anchor, p_adv) + _kl(p_adv, p_anchor))
-
-    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
-        """Whether Trainer.training_step takes the loss as already averaged over the accumulation steps (the rule it
-        applies: ``loss_is_scaled_for_ga``, else a loss normalised by ``num_items_in_batch``)."""
-        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+    def scale(self, kl: torch.Tensor, *, in_train: bool, num_processes: int, accumulation_steps: int,
+              trainer_divides: bool) -> torch.Tensor:
+        """The micro-batch loss to backpropagate (see ``losses.scale_router_loss``); outside Trainer's loop
+        (``in_train`` false) the per-pair form is the mean over the micro-batch's pairs."""
+        return scale_router_loss(kl, per_pair=self.per_pair, pairs_in_step=self.pairs_in_step if in_train else None,
+                                 num_processes=num_processes, accumulation_steps=accumulation_steps,
+                                 trainer_divides=trainer_divides)

@@ -1,19 +1,22 @@
-"""The training data RASATrainer builds from the pair contract: TRL's conversational prompt-completion rows with the
-anchor and the row index alongside, the tokenised anchors and the prompt lengths the router loss reads, and the
-collator that pads them next to TRL's batch.
+"""The pair rows RASATrainer trains on, built from the pair contract: TRL's conversational prompt-completion rows with
+the anchor and the row index alongside, the tokenised anchors and the prompt lengths the router loss reads (the two
+steps around TRL's own ``_prepare_dataset``), the length checks, and the collator that pads them next to TRL's batch.
 
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
 
 from .config import RASAConfig
 from ..data.contract import as_messages, completion_text, render_chat
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class _PairCollator:
@@ -67,57 +70,53 @@ def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool, chat_tem
                        chat_template=chat_template)
 
 
-class PairDataMixin:
-    """RASATrainer's data hooks on SFTTrainer: anchors tokenised with the pairs, truncation refused where it would cut
-    the refusal target or the anchor, and the RASA columns kept through Trainer's column pruning."""
+# the columns of the prepared rows that Trainer's column pruning must keep
+RASA_COLUMNS = ("anchor_input_ids", "rasa_index", "rasa_prompt_length")
 
-    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if "rasa_anchor" in dataset.column_names:
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            self._check_lengths(dataset, tokenizer, args, dataset_name)
-            dataset = dataset.map(
-                lambda ex: {"anchor_input_ids": _chat_ids(tokenizer, ex["rasa_anchor"], generation_prompt=True)},
-                remove_columns=["rasa_anchor"],
-                desc=f"Tokenizing anchors of {dataset_name}",
-            )
-        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if "anchor_input_ids" in dataset.column_names and "prompt" in dataset.column_names:
-            # Where the completion starts, exactly as TRL computes its completion mask (which it folds into `labels`
-            # and drops): the router loss reads its context from here, not from `labels`, so assistant_only_loss
-            # and multi-turn prompts do not change what the routers are trained on.
-            from trl.data_utils import common_prefix_length
 
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            template = getattr(self, "chat_template", None)
-            dataset = dataset.map(
-                lambda ex: {"rasa_prompt_length": common_prefix_length(
-                    _chat_ids(tokenizer, ex["prompt"], generation_prompt=True, chat_template=template), ex["input_ids"])},
-                desc=f"Locating the prompts of {dataset_name}",
-            )
+def tokenize_anchors(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, dataset_name: str) -> Dataset:
+    """Pair rows (with ``rasa_anchor``) with their anchors tokenised (``anchor_input_ids``), after refusing rows that
+    truncation would cut; other datasets as they are."""
+    if "rasa_anchor" not in dataset.column_names:
         return dataset
+    check_pair_lengths(dataset, tokenizer, max_length, dataset_name)
+    return dataset.map(
+        lambda ex: {"anchor_input_ids": _chat_ids(tokenizer, ex["rasa_anchor"], generation_prompt=True)},
+        remove_columns=["rasa_anchor"],
+        desc=f"Tokenizing anchors of {dataset_name}",
+    )
 
-    @staticmethod
-    def _check_lengths(dataset, tokenizer, args, dataset_name: str) -> None:
-        """Refuse rows whose refusal target would be cut off by truncation (a pitfall of the reference code)."""
-        if args.max_length is None:
-            return
-        too_long = []
-        for i, row in enumerate(dataset):
-            n = len(_chat_ids(tokenizer, row["prompt"] + row["completion"], generation_prompt=False))
-            if n > args.max_length:
-                too_long.append(f"row {i} ({n} tokens)")
-            n = len(_chat_ids(tokenizer, row["rasa_anchor"], generation_prompt=True))
-            if n > args.max_length:
-                too_long.append(f"row {i} (anchor: {n} tokens)")
-        if too_long:
-            raise ValueError(
-                f"{len(too_long)} row(s) of {dataset_name} exceed max_length={args.max_length} with their completion "
-                f"or their anchor, so truncation would cut the refusal target or the anchor context: "
-                f"{', '.join(too_long[:5])}. Raise max_length or shorten those rows."
-            )
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        for column in ("anchor_input_ids", "rasa_index", "rasa_prompt_length"):
-            if column not in self._signature_columns:
-                self._signature_columns.append(column)
+def locate_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, chat_template: str | None, dataset_name: str) -> Dataset:
+    """Tokenised pair rows with ``rasa_prompt_length``: where the completion starts, exactly as TRL computes its
+    completion mask (which it folds into ``labels`` and drops). The router loss reads its context from here, not from
+    ``labels``, so ``assistant_only_loss`` and multi-turn prompts do not change what the routers are trained on."""
+    if "anchor_input_ids" not in dataset.column_names or "prompt" not in dataset.column_names:
+        return dataset
+    from trl.data_utils import common_prefix_length
+
+    return dataset.map(
+        lambda ex: {"rasa_prompt_length": common_prefix_length(
+            _chat_ids(tokenizer, ex["prompt"], generation_prompt=True, chat_template=chat_template), ex["input_ids"])},
+        desc=f"Locating the prompts of {dataset_name}",
+    )
+
+
+def check_pair_lengths(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, dataset_name: str) -> None:
+    """Refuse rows whose refusal target would be cut off by truncation (a pitfall of the reference code)."""
+    if max_length is None:
+        return
+    too_long = []
+    for i, row in enumerate(dataset):
+        n = len(_chat_ids(tokenizer, row["prompt"] + row["completion"], generation_prompt=False))
+        if n > max_length:
+            too_long.append(f"row {i} ({n} tokens)")
+        n = len(_chat_ids(tokenizer, row["rasa_anchor"], generation_prompt=True))
+        if n > max_length:
+            too_long.append(f"row {i} (anchor: {n} tokens)")
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} row(s) of {dataset_name} exceed max_length={max_length} with their completion "
+            f"or their anchor, so truncation would cut the refusal target or the anchor context: "
+            f"{', '.join(too_long[:5])}. Raise max_length or shorten those rows."
+        )

@@ -13,7 +13,7 @@ from rasa_trainer.moe.discovery import moe_layers
 from rasa_trainer.data.contract import DatasetContractError, as_messages
 from rasa_trainer.detection.detect import PairCounts, detect_safety_critical_experts, pair_outcome
 from rasa_trainer.detection.generation import generate_replies
-from rasa_trainer.judges.builtin import JudgeError
+from rasa_trainer.judges import JudgeError
 from rasa_trainer.moe.routing import Routing
 from rasa_trainer.detection.selection import (
     CSV_COLUMNS,

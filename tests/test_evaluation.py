@@ -18,7 +18,7 @@ from rasa_trainer.evaluation.evaluate import (
     routing_shift,
 )
 from rasa_trainer.detection.generation import generate_replies, render_chat
-from rasa_trainer.judges.builtin import JudgeError
+from rasa_trainer.judges import JudgeError
 from rasa_trainer.moe.discovery import moe_layers
 from rasa_trainer.moe.routing import record_routing
 from rasa_trainer.evaluation.steering import steer_toward

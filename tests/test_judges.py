@@ -1,4 +1,4 @@
-"""Tests for the judge protocol and the built-in judges (rasa_trainer/judges.py).
+"""Tests for the judge protocol, the built-in judges and judge names (rasa_trainer/judges/, the `--judge` options).
 
 Model-backed judges are exercised with tiny random checkpoints built from configs and saved to a temporary
 directory, with a word-level tokenizer built with `tokenizers`: nothing is downloaded.
@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
-from rasa_trainer.judges.builtin import (
+from rasa_trainer.judges import (
     ClassifierJudge,
     GuardModelJudge,
     Judge,
@@ -302,3 +302,140 @@ def test_judge_from_name(classifier_dir, guards, tmp_path):
     assert isinstance(judge_from_name(guards["safe"], device="cpu"), GuardModelJudge)
     with pytest.raises(ValueError, match="keyword"):
         judge_from_name(str(tmp_path / "does-not-exist"))
+
+
+def test_judge_names_are_checked_without_loading(classifier_dir, guards, tmp_path, monkeypatch):
+    from rasa_trainer.judges import check_judge_name
+
+    assert check_judge_name("keyword").name == "keyword"
+    assert check_judge_name(str(classifier_dir), refusal_labels=["refusal"]).name == "classifier"
+    assert check_judge_name(f"classifier:{classifier_dir}", refusal_labels=["refusal"]).name == "classifier"
+    assert check_judge_name(guards["safe"]).name == "guard"
+    with pytest.raises(ValueError, match=r"sequence classifier with labels \['compliance', 'refusal'\]; say which"):
+        check_judge_name(str(classifier_dir))
+    with pytest.raises(ValueError, match=r"unknown: \['safe'\]"):
+        check_judge_name(str(classifier_dir), refusal_labels=["safe"])
+    with pytest.raises(ValueError, match="safe_token and unsafe_token must be two different words"):
+        check_judge_name(guards["safe"], safe_token="ok", unsafe_token="OK")
+    with pytest.raises(ValueError, match="the 'guard' judge takes no option 'refusal_labels'"):
+        check_judge_name(guards["safe"], refusal_labels=["refusal"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        check_judge_name(str(tmp_path / "empty"))
+    # ClassifierJudge itself checks the labels against the folder's config.json before loading the model
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the classifier was loaded before its labels were checked")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match=r"unknown: \['safe'\]"):
+        ClassifierJudge(str(classifier_dir), refusal_labels=["safe"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line: every judge option is checked before any model loads, and honoured
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import importlib
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the judge was checked")
+
+    for name in ("common", "train", "detect", "evaluate"):
+        monkeypatch.setattr(importlib.import_module(f"rasa_trainer.cli.{name}"), "load_model", refuse)
+
+
+def _command(name):
+    import importlib
+
+    module = importlib.import_module(f"rasa_trainer.cli.{name}")
+    return lambda *argv: module.main([str(a) for a in argv])
+
+
+def test_detect_judge_typo_exits_2_before_the_model_loads(tmp_path):
+    """As the user types it: a typo is status 2 with a message, before the model (a folder that would not load) is
+    touched and without a Hub lookup."""
+    import os
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # loading it would end in a traceback, not status 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "rasa_trainer.cli", "detect", "--model_name_or_path", str(model), "--dataset_name",
+         "safety_world", "--output_dir", str(tmp_path / "out"), "--judge", "keywrod"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("rasa-trainer detect: error: --judge keywrod: unknown judge 'keywrod' (did you mean 'keyword'?): the "
+            "registered judges are 'keyword', 'safety_world'") in proc.stderr
+    assert "local checkpoint folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Loading" not in proc.stderr and proc.stdout == ""
+
+
+def test_every_command_checks_its_judges_first(tmp_path, classifier_dir, no_model_loading):
+    from rasa_trainer.cli import UsageError
+
+    train, detect, evaluate = _command("train"), _command("detect"), _command("evaluate")
+    out = tmp_path / "out"
+    world = ("--model_name_or_path", "safety_world", "--output_dir", out)
+    for run, flag in ((train, "--judge"), (train, "--detection_judge"), (detect, "--judge"), (evaluate, "--judge")):
+        extra = ("--dataset_name", "safety_world") if run is detect else ()
+        with pytest.raises(UsageError, match=f"{flag} keywrod: unknown judge 'keywrod'"):
+            run(*world, *extra, flag, "keywrod")
+    # a classifier without (or with wrong) refusal labels is refused before generation, from every command
+    with pytest.raises(UsageError, match=r"--judge .*: .*sequence classifier with labels.*--judge_refusal_labels"):
+        detect(*world, "--dataset_name", "safety_world", "--judge", classifier_dir)
+    with pytest.raises(UsageError, match=r"--detection_judge .*: .*say which mean refused"):
+        train(*world, "--detection_judge", classifier_dir)
+    with pytest.raises(UsageError, match=r"unknown: \['safe'\]"):
+        evaluate(*world, "--judge", classifier_dir, "--judge_refusal_labels", "safe")
+    # refusal labels that no judge takes are refused, not ignored
+    with pytest.raises(UsageError, match="--judge_refusal_labels refusal: only a classifier judge takes refusal labels"):
+        detect(*world, "--dataset_name", "safety_world", "--judge_refusal_labels", "refusal")
+    with pytest.raises(UsageError, match="only a classifier judge takes refusal labels"):
+        train(*world, "--judge", "keyword", "--judge_refusal_labels", "refusal")
+
+
+def test_train_resolves_and_records_the_detection_judge(tmp_path):
+    from rasa_trainer.cli import UsageError
+    from rasa_trainer.cli.train import parse_args
+
+    out = ["--output_dir", str(tmp_path / "out")]
+    assert parse_args(out)[1].detection_judge == "safety_world"  # SafetyWorld data: its exact judge
+    assert parse_args([*out, "--judge", "keyword"])[1].detection_judge == "keyword"
+    assert parse_args([*out, "--detection_judge", "keyword"])[1].detection_judge == "keyword"
+    assert parse_args([*out, "--detection_judge=keyword", "--judge", "keyword"])[1].detection_judge == "keyword"
+    config = tmp_path / "run.yaml"
+    config.write_text("detection_judge: keyword\nmodel_name_or_path: safety_world\n")
+    script_args, args, _ = parse_args(["--config", str(config), *out])
+    assert (script_args.judge, args.detection_judge) == (None, "keyword")
+    with pytest.raises(UsageError, match="--judge safety_world and --detection_judge keyword disagree"):
+        parse_args([*out, "--judge", "safety_world", "--detection_judge", "keyword"])
+
+
+def test_train_detects_with_the_detection_judge_and_its_labels(tmp_path, classifier_dir, monkeypatch):
+    from rasa_trainer.cli import train as command
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def detect(model, tokenizer, pairs, judge, args, is_main):
+        seen.update(judge=judge, args=args)
+        raise Stop
+
+    monkeypatch.setattr(command, "load_model", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(command, "detect", detect)
+    with pytest.raises(Stop):
+        command.main(["--output_dir", str(tmp_path / "out"), "--skip_eval", "true", "--detection_judge",
+                      str(classifier_dir), "--judge_refusal_labels", "refusal"])
+    assert isinstance(seen["judge"], ClassifierJudge) and seen["judge"].refusal_ids == {0}
+    assert seen["args"].detection_judge == str(classifier_dir)  # what training_args.json records
+    with pytest.raises(Stop):
+        command.main(["--output_dir", str(tmp_path / "out"), "--skip_eval", "true", "--detection_judge", "keyword"])
+    assert isinstance(seen["judge"], RefusalKeywordJudge)

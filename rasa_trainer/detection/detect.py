@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.contract import as_messages, validate_pairs
 from .generation import GenerationBatch, generate_batch
-from ..judges.builtin import Judge, RefusalKeywordJudge, run_judge
+from ..judges import Judge, RefusalKeywordJudge, run_judge
 from ..moe.discovery import MoELayer, moe_layers
 from .selection import SafetyCriticalExperts, SelectionConfig, select_experts
 from .statistics import ExpertStatistics, all_gather_json, distributed_world
@@ -126,15 +126,15 @@ def collect_expert_statistics(
 ) -> tuple[ExpertStatistics, PairCounts]:
     """Generate, judge, filter and count: the (all-reduced) statistics and pair counts of a dataset.
 
-    ``selection`` is checked against the model before any generation; for the ``batch_union`` policy it also sets the
-    per-batch top-K the statistics vote with.
+    ``selection`` is checked against the model before any generation; for a policy that votes per batch
+    (``batch_union``) it also sets the per-batch top-K the statistics vote with.
     """
     validate_pairs(dataset, anchor_column=anchor_column)  # fail loudly on malformed pairs before any model work
     judge = judge if judge is not None else RefusalKeywordJudge()
     num_layers, num_experts, _ = moe_shape(moe_layers(model))
     selection.check(num_layers, num_experts)
-    # per-batch votes cost a top-k per batch: only collected for the policy that needs them
-    vote_k = selection.resolve_k(num_layers * num_experts) if selection.policy == "batch_union" else None
+    # per-batch votes cost a top-k per batch: only collected for a policy registered with batch_votes=True
+    vote_k = selection.vote_k(num_layers, num_experts)
     stats = ExpertStatistics(num_layers, num_experts, vote_k=vote_k, vote_threshold=selection.threshold)
     pairs = PairCounts()
     rank, world = distributed_world()
@@ -222,7 +222,7 @@ def detect_safety_critical_experts(
     Args:
         model / tokenizer: a transformers 5 MoE causal LM and its tokenizer (with a chat template and a pad token).
         dataset: rows with ``prompt`` and ``anchor_column`` (see :mod:`rasa_trainer.data.contract`); validated first.
-        judge: refusal judge (default :class:`~rasa_trainer.judges.builtin.RefusalKeywordJudge`); failures raise.
+        judge: refusal judge (default :class:`~rasa_trainer.judges.RefusalKeywordJudge`); failures raise.
         batch_size / max_new_tokens / do_sample / temperature / top_p / seed: generation settings (``seed`` also
             seeds the ``random`` policy, the same on every rank).
         policy / num_experts / threshold / top_p_experts: see :class:`~rasa_trainer.detection.selection.SelectionConfig`.

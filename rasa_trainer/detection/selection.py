@@ -1,17 +1,12 @@
 """Selecting Safety-Critical Experts from :class:`~rasa_trainer.detection.statistics.ExpertStatistics`, and the result object
 :class:`SafetyCriticalExperts` with its artifacts (JSON, CSV, heatmap). No pickle: JSON with a schema version.
 
-Policies (:data:`POLICIES`):
+The policies live in one registry (:mod:`rasa_trainer.detection.policies`: ``global_topk``, ``per_layer_topk``,
+``batch_union``, ``per_layer_top_p``, ``random`` and any registered with ``register_policy``); :data:`POLICIES` is the
+tuple of their names.
 
-- ``global_topk`` (default): the K experts of highest RD above ``threshold``, ranked jointly across layers.
-- ``per_layer_topk``: in every MoE layer, the K experts of highest RD above ``threshold``.
-- ``batch_union``: the union over batches of each batch's global top-K above ``threshold`` (the authors' code).
-- ``per_layer_top_p``: ESFT style; in every layer, experts with positive RD (and RD above ``threshold``) are ranked and
-  taken until their share of the layer's positive RD mass reaches ``top_p_experts``.
-- ``random``: K experts drawn uniformly with ``seed`` (ablation; ignores RD).
-
-``num_experts`` below 1 is a fraction (of all routed experts ``L * E``, or of ``E`` for ``per_layer_topk``), 1 or
-more an integral count. The authors used 12.5% and threshold 0.
+``num_experts`` below 1 is a fraction (of all routed experts ``L * E``, or of ``E`` for a per-layer policy such as
+``per_layer_topk``), 1 or more an integral count. The authors used 12.5% and threshold 0.
 """
 
 from __future__ import annotations
@@ -30,17 +25,23 @@ import torch
 
 from ..moe.discovery import moe_layers, unwrap_model
 from ..utils import atomic_write
-from .statistics import ExpertStatistics, top_ranked
+from .policies import get_policy, policy_names
+from .statistics import ExpertStatistics
 
 __all__ = [
     "EmptySelectionError", "POLICIES", "SafetyCriticalExperts", "SelectedExpert", "SelectionConfig", "select_experts",
 ]
 
-POLICIES = ("global_topk", "per_layer_topk", "batch_union", "per_layer_top_p", "random")
 SCHEMA_VERSION = 1
 JSON_NAME = "safety_critical_experts.json"
 CSV_NAME = "expert_stats.csv"
 PNG_NAME = "risk_difference.png"
+
+
+def __getattr__(name: str):
+    if name == "POLICIES":  # the registered policy names, read now (a policy may have been registered since import)
+        return policy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class EmptySelectionError(ValueError):
@@ -61,8 +62,7 @@ class SelectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy={self.policy!r}; expected one of {', '.join(POLICIES)}")
+        get_policy(self.policy)  # a ValueError naming the registered policies
         if not self.num_experts > 0 or (self.num_experts >= 1 and self.num_experts != int(self.num_experts)):
             raise ValueError(
                 f"num_experts={self.num_experts}: give a fraction in (0, 1) or a whole count >= 1"
@@ -80,14 +80,20 @@ class SelectionConfig:
         return k
 
     def pool(self, num_layers: int, num_experts: int) -> int:
-        """How many experts ``num_experts`` is counted against: ``E`` for per_layer_topk, else all ``L * E``."""
-        return num_experts if self.policy == "per_layer_topk" else num_layers * num_experts
+        """How many experts ``num_experts`` is counted against: ``E`` for a per-layer policy (per_layer_topk), else
+        all ``L * E``."""
+        return num_experts if get_policy(self.policy).k_pool == "layer" else num_layers * num_experts
 
     def k(self, num_layers: int, num_experts: int) -> int | None:
-        """The resolved K of this policy on a model (per layer for per_layer_topk; None for per_layer_top_p)."""
-        if self.policy == "per_layer_top_p":
+        """The resolved K of this policy on a model (per layer for per_layer_topk; None for a policy without a K,
+        per_layer_top_p)."""
+        if get_policy(self.policy).k_pool is None:
             return None
         return self.resolve_k(self.pool(num_layers, num_experts))
+
+    def vote_k(self, num_layers: int, num_experts: int) -> int | None:
+        """K of the per-batch votes the statistics must collect for this policy (batch_union), else None."""
+        return self.resolve_k(num_layers * num_experts) if get_policy(self.policy).batch_votes else None
 
     def check(self, num_layers: int, num_experts: int) -> None:
         """Fail before any generation when K does not fit the model."""
@@ -110,55 +116,16 @@ def select_experts(
         EmptySelectionError: nothing was selected; the message shows ``pairs`` (kept/dropped counts), token counts and
             the largest RD, with hints.
     """
-    L, E = stats.num_layers, stats.num_experts
     if pairs is not None and pairs.get("kept", 1) == 0:
         raise EmptySelectionError(_empty_message(stats, config, pairs, "no pair survived the filter"))
-    mask = torch.zeros(L * E, dtype=torch.bool)
-    rd = stats.risk_difference()
-    if config.policy == "global_topk":
-        mask[top_ranked(rd.view(-1), config.resolve_k(L * E), config.threshold)] = True
-    elif config.policy == "per_layer_topk":
-        mask = _per_layer_topk(rd, config.resolve_k(E), config.threshold).view(-1)
-    elif config.policy == "batch_union":
-        mask = _batch_union(stats, config).view(-1)
-    elif config.policy == "per_layer_top_p":
-        mask = _per_layer_top_p(rd, config.top_p_experts, config.threshold).view(-1)
-    else:  # random: the same seed on every rank gives the same experts everywhere
-        generator = torch.Generator().manual_seed(config.seed)
-        mask[torch.randperm(L * E, generator=generator)[: config.resolve_k(L * E)]] = True
+    mask = get_policy(config.policy).select(stats, config)
+    shape = (stats.num_layers, stats.num_experts)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"selection policy {config.policy!r} returned {got}; a policy returns a bool mask {shape}")
     if not mask.any():
         raise EmptySelectionError(_empty_message(stats, config, pairs, "no expert met the selection criteria"))
-    return mask.view(L, E)
-
-
-def _per_layer_topk(rd: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
-    """Top k per row of ``rd`` above ``threshold``; ties to the lower expert index."""
-    order = torch.sort(rd, dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros_like(rd, dtype=torch.bool)
-    mask.scatter_(1, order, rd.gather(1, order) > threshold)
     return mask
-
-
-def _per_layer_top_p(rd: torch.Tensor, top_p: float, threshold: float) -> torch.Tensor:
-    """Per layer, the fewest experts of highest positive RD whose share of the layer's positive RD reaches ``top_p``."""
-    scores = torch.where(rd > max(threshold, 0.0), rd, torch.zeros_like(rd))
-    total = scores.sum(dim=1, keepdim=True)
-    share = scores / total.clamp(min=torch.finfo(scores.dtype).tiny)
-    sorted_share, order = torch.sort(share, dim=1, descending=True, stable=True)
-    before = sorted_share.cumsum(dim=1) - sorted_share  # share already covered before this expert
-    take = (before < top_p - 1e-12) & (sorted_share > 0)
-    return torch.zeros_like(rd, dtype=torch.bool).scatter_(1, order, take)
-
-
-def _batch_union(stats: ExpertStatistics, config: SelectionConfig) -> torch.Tensor:
-    expected = config.resolve_k(stats.num_layers * stats.num_experts)
-    if stats.vote_k != expected or stats.vote_threshold != float(config.threshold):
-        raise ValueError(
-            f"policy 'batch_union' needs statistics that voted with vote_k={expected} and "
-            f"vote_threshold={config.threshold}, got vote_k={stats.vote_k}, vote_threshold={stats.vote_threshold}; "
-            f"create ExpertStatistics(L, E, vote_k=config.resolve_k(L * E), vote_threshold=config.threshold)"
-        )
-    return stats.batch_votes > 0
 
 
 def _empty_message(stats: ExpertStatistics, config: SelectionConfig, pairs: Mapping[str, Any] | None, why: str) -> str:

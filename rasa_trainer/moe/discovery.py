@@ -10,7 +10,8 @@ Routers are found through the class the model declares for router-logit recordin
 (``_can_record_outputs["router_logits"]``), never by attribute names alone. The router's scoring rule is not looked
 up in a table either: it is identified by probing a copy of the router with random weights and checking which rule
 reproduces the top-k weights the router itself returns. A family we have never seen works without code changes as
-long as its router follows one of the rules of :class:`ScoringRule`.
+long as its router follows one of the registered rule kinds (:data:`SCORING_RULES`; a new kind is one
+:class:`RuleKind` and one :func:`register_scoring_rule`).
 
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
@@ -23,12 +24,16 @@ import itertools
 import re
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["MoELayer", "ScoringRule", "SUPPORTED_FAMILIES", "moe_layers", "unwrap_model"]
+__all__ = [
+    "MoELayer", "RuleKind", "SCORING_RULES", "ScoringRule", "SUPPORTED_FAMILIES", "moe_layers", "register_scoring_rule",
+    "unwrap_model",
+]
 
 # Model types tests/test_families.py builds on tiny configs and puts through discovery, record, replay, an expert
 # step and a router step (the README's table lists them with the families that are refused and why). The
@@ -54,7 +59,8 @@ SUPPORTED_FAMILIES = (
 class ScoringRule:
     """How a router turns its scores into top-k weights, and what its "probability over all experts" is.
 
-    ``kind`` is one of:
+    ``kind`` names a registered :class:`RuleKind` (:data:`SCORING_RULES`, tried in this order when a router is
+    identified):
 
     - ``"softmax"``: softmax over all experts, then top-k, optionally renormalised (OLMoE, Qwen, Mixtral).
       Probability over experts = the softmax.
@@ -80,36 +86,152 @@ class ScoringRule:
         scores = first_output.float()
         if self.first_output == "probabilities":
             return scores
-        if self.kind in ELEMENTWISE_SCORES:
-            per_expert = ELEMENTWISE_SCORES[self.kind](scores)
-            return per_expert / per_expert.sum(dim=-1, keepdim=True)
-        return scores.softmax(dim=-1)
+        return rule_kind(self.kind).probabilities(self, scores)
 
     def topk_weights(self, first_output: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Top-k weights the router would give experts ``indices`` from its live scores (differentiable)."""
-        indices = indices.long()
-        scores = first_output.float()
-        if self.kind == "softmax":
-            probs = scores if self.first_output == "probabilities" else scores.softmax(dim=-1)
-            weights = probs.gather(-1, indices)
-            if self.normalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-            return weights * self.scale
-        if self.kind in ELEMENTWISE_SCORES:
-            weights = ELEMENTWISE_SCORES[self.kind](scores).gather(-1, indices)
-            if self.normalize:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-            return weights * self.scale
-        if self.kind == "sparsemixer":
-            return _sparsemixer_weights(scores, indices, self.jitter_eps)
-        raise ValueError(f"unknown scoring rule {self.kind!r}")
+        return rule_kind(self.kind).topk_weights(self, first_output.float(), indices.long())
+
+
+class RuleKind:
+    """One kind of scoring rule: how its probability over experts and its top-k weights are computed from a router's
+    first output, and how it is recognised from what a probed router returned.
+
+    Subclass it, set ``name``, implement :meth:`topk_weights` and :meth:`identify` (and :meth:`probabilities` when the
+    probability over experts is not the softmax), and register an instance with :func:`register_scoring_rule`.
+    """
+
+    name: str = ""
+    needs_logits: bool = True  # only tried on routers whose first output is logits (not probabilities)
+
+    def probabilities(self, rule: ScoringRule, scores: torch.Tensor) -> torch.Tensor:
+        """The probability over all experts ``[N, E]`` from fp32 logits ``scores``."""
+        return scores.softmax(dim=-1)
+
+    def topk_weights(self, rule: ScoringRule, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The top-k weights of experts ``indices`` (int64 ``[N, k]``) from the fp32 first output ``scores``."""
+        raise NotImplementedError
+
+    def identify(self, first: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, first_output: str,
+                 jitter_eps: float) -> ScoringRule | None:
+        """The rule of this kind that reproduces ``weights`` (fp32 ``[N, k]``) from ``first`` (fp32 ``[N, E]``) and
+        ``indices``, or None."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+SCORING_RULES: dict[str, RuleKind] = {}  # kind name -> kind, in identification order
+
+
+def register_scoring_rule(kind: RuleKind | type[RuleKind]):
+    """Register a :class:`RuleKind` (an instance, or a subclass to instantiate: usable as a class decorator). Kinds
+    are tried in registration order when a router is identified. Returns what it was given."""
+    instance = kind() if isinstance(kind, type) else kind
+    if not isinstance(instance, RuleKind) or not instance.name:
+        raise TypeError(f"{kind!r} is not a RuleKind with a name")
+    if instance.name in SCORING_RULES or instance.name == "unsupported":
+        raise ValueError(f"scoring rule {instance.name!r} is already registered; choose another name")
+    SCORING_RULES[instance.name] = instance
+    return kind
+
+
+def rule_kind(name: str) -> RuleKind:
+    """The registered kind ``name``; a ``ValueError`` listing the registered kinds otherwise."""
+    kind = SCORING_RULES.get(name)
+    if kind is None:
+        raise ValueError(f"unknown scoring rule {name!r}; registered: {', '.join(SCORING_RULES)}")
+    return kind
+
+
+@register_scoring_rule
+class SoftmaxRule(RuleKind):
+    """Softmax over all experts, top-k, optionally renormalised, times a constant."""
+
+    name = "softmax"
+    needs_logits = False
+
+    def topk_weights(self, rule, scores, indices):
+        probs = scores if rule.first_output == "probabilities" else scores.softmax(dim=-1)
+        weights = probs.gather(-1, indices)
+        if rule.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * rule.scale
+
+    def identify(self, first, weights, indices, first_output, jitter_eps):
+        probs = first if first_output == "probabilities" else first.softmax(dim=-1)
+        gathered = probs.gather(-1, indices)
+        if (c := _constant_ratio(weights, gathered)) is not None:
+            return ScoringRule(self.name, first_output, normalize=False, scale=c)
+        if (c := _constant_ratio(weights, gathered / gathered.sum(-1, keepdim=True))) is not None:
+            return ScoringRule(self.name, first_output, normalize=True, scale=c)
+        return None
+
+
+class ElementwiseRule(RuleKind):
+    """Routers that score each expert independently (no softmax across experts) with ``score(logits)``; top-k
+    weights are the scores, optionally renormalised, times a constant."""
+
+    def __init__(self, name: str, score: Callable[[torch.Tensor], torch.Tensor]):
+        self.name, self.score = name, score
+
+    def probabilities(self, rule, scores):
+        per_expert = self.score(scores)
+        return per_expert / per_expert.sum(dim=-1, keepdim=True)
+
+    def topk_weights(self, rule, scores, indices):
+        weights = self.score(scores).gather(-1, indices)
+        if rule.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * rule.scale
+
+    def identify(self, first, weights, indices, first_output, jitter_eps):
+        per_expert = self.score(first).gather(-1, indices)
+        if (c := _constant_ratio(weights, per_expert)) is not None:
+            return ScoringRule(self.name, first_output, normalize=False, scale=c)
+        if (c := _constant_ratio(weights, per_expert / per_expert.sum(-1, keepdim=True))) is not None:
+            return ScoringRule(self.name, first_output, normalize=True, scale=c)
+        return None
+
+
+register_scoring_rule(ElementwiseRule("sigmoid", torch.sigmoid))
+register_scoring_rule(ElementwiseRule("sqrtsoftplus", lambda logits: nn.functional.softplus(logits).sqrt()))
+
+
+@register_scoring_rule
+class SparsemixerRule(RuleKind):
+    """PhiMoE's evaluation-mode sparsemixer; probability over experts = softmax of the logits."""
+
+    name = "sparsemixer"
+
+    def topk_weights(self, rule, scores, indices):
+        return _sparsemixer_weights(scores, indices, rule.jitter_eps)
+
+    def identify(self, first, weights, indices, first_output, jitter_eps):
+        if torch.allclose(weights, _sparsemixer_weights(first, indices, jitter_eps), atol=1e-5):
+            return ScoringRule(self.name, first_output, jitter_eps=jitter_eps)
+        return None
+
+
+class _ElementwiseScores(Mapping):
+    """``{kind: score function}`` of the registered :class:`ElementwiseRule` kinds, read at every use."""
+
+    def _current(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        return {name: kind.score for name, kind in SCORING_RULES.items() if isinstance(kind, ElementwiseRule)}
+
+    def __getitem__(self, name):
+        return self._current()[name]
+
+    def __iter__(self):
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
 
 
 # Routers that score each expert independently (no softmax across experts), by rule kind.
-ELEMENTWISE_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "sigmoid": torch.sigmoid,
-    "sqrtsoftplus": lambda logits: nn.functional.softplus(logits).sqrt(),
-}
+ELEMENTWISE_SCORES: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = _ElementwiseScores()
 
 
 def _sparsemixer_weights(scores: torch.Tensor, indices: torch.Tensor, jitter_eps: float) -> torch.Tensor:
@@ -143,28 +265,18 @@ def _constant_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float
 
 
 def _identify_rule(first: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, jitter_eps: float) -> ScoringRule:
-    """The rule that reproduces the top-k weights a router returned (from :func:`_probe`)."""
+    """The rule that reproduces the top-k weights a router returned (from :func:`_probe`): the first registered kind
+    (:data:`SCORING_RULES`) that does."""
     first, weights, indices = first.float(), weights.float(), indices.long()
     row_sums = first.sum(dim=-1)
     is_probs = bool((first >= 0).all() and torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4))
     first_output = "probabilities" if is_probs else "logits"
-
-    probs = first if is_probs else first.softmax(dim=-1)
-    gathered = probs.gather(-1, indices)
-    if (c := _constant_ratio(weights, gathered)) is not None:
-        return ScoringRule("softmax", first_output, normalize=False, scale=c)
-    if (c := _constant_ratio(weights, gathered / gathered.sum(-1, keepdim=True))) is not None:
-        return ScoringRule("softmax", first_output, normalize=True, scale=c)
-    if is_probs:
-        return _unsupported()
-    for kind, score in ELEMENTWISE_SCORES.items():
-        per_expert = score(first).gather(-1, indices)
-        if (c := _constant_ratio(weights, per_expert)) is not None:
-            return ScoringRule(kind, first_output, normalize=False, scale=c)
-        if (c := _constant_ratio(weights, per_expert / per_expert.sum(-1, keepdim=True))) is not None:
-            return ScoringRule(kind, first_output, normalize=True, scale=c)
-    if torch.allclose(weights, _sparsemixer_weights(first, indices, jitter_eps), atol=1e-5):
-        return ScoringRule("sparsemixer", first_output, jitter_eps=jitter_eps)
+    for kind in SCORING_RULES.values():
+        if is_probs and kind.needs_logits:
+            continue
+        rule = kind.identify(first, weights, indices, first_output, jitter_eps)
+        if rule is not None:
+            return rule
     return _unsupported()
 
 

@@ -1,5 +1,6 @@
 """Small shared helpers: atomic writes of text, JSON, PNG and safetensors (nothing a user produced is lost
-half-written), and the plain JSON value of a setting."""
+half-written, and a symbolic link at the destination is replaced, never written through), and the plain JSON value
+of a setting."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the result gets the permissions of any new file
-        os.replace(tmp, path)
+            # mkstemp creates 0600; the result gets the permissions of any new file (through the descriptor: the
+            # name is never followed, whatever replaced it)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+        os.replace(tmp, path)  # replaces a link at ``path`` itself, never writes through it
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

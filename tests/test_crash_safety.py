@@ -1,9 +1,12 @@
 """Fault injection: a training process killed (SIGKILL) at each write point of a checkpoint save, then resumed with
 resume_from_checkpoint=True, ends bit-identical to an uninterrupted run; a checkpoint that is incomplete, corrupt or
-from another run is skipped or refused with a message that names the problem, never trained on silently."""
+from another run is skipped or refused with a message that names the problem, never trained on silently.
+
+The kills come from tests/fault_injection.py, armed by the jobs in tests/jobs/ (the library holds no kill code)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,12 +22,11 @@ JOB = ROOT / "tests" / "jobs" / "checkpoint_job.py"
 
 
 def run_job(out, *extra, fault=None, occurrence=1):
+    """The job in a subprocess; ``fault``: killed at that write point (tests/fault_injection.py, armed by the job)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env.pop("RASA_FAULT_POINT", None)
-    if fault is not None:
-        env.update(RASA_FAULT_POINT=fault, RASA_FAULT_OCCURRENCE=str(occurrence))
-    return subprocess.run([sys.executable, str(JOB), str(out), *extra], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    armed = ["--fault", fault, "--occurrence", str(occurrence)] if fault is not None else []
+    return subprocess.run([sys.executable, str(JOB), str(out), *extra, *armed], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def final_weights(out):
@@ -96,3 +98,41 @@ def test_corrupt_checkpoint_files_are_named(tmp_path, reference):
     state = checkpoint / "trainer_state.json"
     state.write_text(state.read_text().replace("global_step", "global_stop"))  # same size, different content
     assert "trainer_state.json does not match its checksum" in checkpoint_problem(str(checkpoint))
+
+
+def test_the_library_ships_no_kill_switch():
+    """Fault injection lives in the tests: no module of the package kills its process or reads a fault variable."""
+    package = ROOT / "rasa_trainer"
+    offenders = [str(path.relative_to(ROOT)) for path in package.rglob("*.py")
+                 if any(word in path.read_text(encoding="utf-8") for word in ("SIGKILL", "RASA_FAULT", "_fault_point"))]
+    assert offenders == []
+
+
+CLI_JOB = ROOT / "tests" / "jobs" / "cli_with_faults.py"
+CONFIG = ROOT / "rasa_trainer" / "configs" / "safety_world.yaml"
+
+
+def test_killed_command_resumes_taking_over_its_lock(tmp_path):
+    """`rasa-trainer train` killed while writing its second checkpoint leaves its lock and an incomplete checkpoint;
+    `--resume_from_checkpoint true` takes the lock over (the pid is gone), skips that checkpoint and finishes."""
+    from rasa_trainer.safety_world import load_safety_world_model
+    from test_trainer import make_selection
+
+    model, _ = load_safety_world_model()
+    make_selection(model, {0: [1, 3], 1: [2]}).save(tmp_path / "sce")
+    command = ["train", "--config", str(CONFIG), "--safety_critical_experts", "sce", "--output_dir", "run",
+               "--rasa_rounds", "1", "--save_strategy", "steps", "--save_steps", "8", "--skip_eval", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, str(CLI_JOB), "--fault", "before_manifest", "--occurrence", "2", "--",
+                             *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    lock = json.loads((tmp_path / "run" / ".rasa-run.lock").read_text())
+    assert lock["pid"] != os.getpid()
+    assert not (tmp_path / "run" / "checkpoint-16" / "rasa_checkpoint.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "rasa_trainer.cli", *command, "--resume_from_checkpoint", "true"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"taking over the lock of output_dir run from a run that is no longer running (pid {lock['pid']}" in resumed.stderr
+    assert "skipping incomplete checkpoint" in resumed.stderr and "checkpoint-16" in resumed.stderr
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / ".rasa-run.lock").exists()

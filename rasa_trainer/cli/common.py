@@ -133,12 +133,60 @@ def check_num_experts(flag: str, value: float) -> None:
         raise UsageError(f"{flag} {value}: give a fraction in (0, 1) of the routed experts or a whole count >= 1")
 
 
-def check_judge(name: str | None, flag: str = "--judge") -> None:
-    if name in (None, "keyword", SAFETY_WORLD):
-        return
-    if not Path(name).expanduser().exists() and looks_like_path(name):
-        raise UsageError(f"{flag} {name}: no such folder; use 'keyword' or the folder of a local classifier or "
-                         "guard model")
+def check_judge(name: str | None, flag: str = "--judge", refusal_labels: list[str] | None = None) -> None:
+    """The judge ``name`` exists (a registered judge or a local checkpoint folder of a registered kind) and gets what
+    it needs (a classifier its refusal labels), before any model loads; see :func:`check_judges`."""
+    check_judges([(flag, name)], refusal_labels)
+
+
+def check_judges(judges: list[tuple[str, str | None]], refusal_labels: list[str] | None = None) -> None:
+    """Every judge of a command, ``(flag, name)`` (None: the command's default judge), is checked by
+    ``rasa_trainer.judges.check_judge_name`` (no model, no Hub lookup); ``--judge_refusal_labels`` must reach a
+    judge that takes refusal labels, never be ignored."""
+    from ..judges import check_judge_name
+
+    takers = []
+    for flag, name in judges:
+        if name is None:
+            continue
+        try:
+            options = judge_options(name, refusal_labels)
+            check_judge_name(name, **options)
+        except ValueError as err:
+            raise UsageError(f"{flag} {name}: {err}") from err
+        if options:
+            takers.append(flag)
+    if refusal_labels and not takers:
+        named = ", ".join(f"{flag} {name or 'default'}" for flag, name in judges)
+        raise UsageError(f"--judge_refusal_labels {' '.join(refusal_labels)}: only a classifier judge takes refusal "
+                         f"labels, and no judge of this command is one ({named}); drop the option or give the folder "
+                         "of a classifier checkpoint")
+
+
+def judge_options(name: str, refusal_labels: list[str] | None) -> dict[str, Any]:
+    """The options ``--judge_refusal_labels`` gives the judge ``name``: its labels when the judge takes them."""
+    from ..judges import judge_kind
+
+    if refusal_labels and judge_kind(name).takes("refusal_labels"):
+        return {"refusal_labels": list(refusal_labels)}
+    return {}
+
+
+def options_given(argv: list[str]) -> set[str]:
+    """Names of the arguments set in ``argv`` or in its ``--config`` YAML file (``--a-b`` read as ``a_b``), to tell
+    an option given from its default."""
+    import yaml
+
+    given = {arg[2:].partition("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if "--config" in argv[:-1]:
+        path = Path(argv[argv.index("--config") + 1]).expanduser()
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            config = None  # the parser reports an unreadable config file
+        if isinstance(config, dict):
+            given |= {str(key) for key in config}
+    return given
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -228,7 +276,8 @@ class EvalSuite:
 
 def load_eval_sets(name: str, flag: str = "--eval_sets", world_seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """SafetyWorld's evaluation sets (``name == "safety_world"``) or a JSON file of sets, validated."""
-    from ..evaluation.evaluate import _validated_sets
+    from ..data.contract import validate_eval_sets
+    from ..evaluation.evaluate import EVAL_SET_NAMES, _validated_sets
 
     if name == SAFETY_WORLD:
         from ..safety_world import make_world
@@ -236,6 +285,7 @@ def load_eval_sets(name: str, flag: str = "--eval_sets", world_seed: int = 0) ->
         return make_world(seed=world_seed).eval_sets()
     sets = read_json(name, flag)
     try:
+        validate_eval_sets(sets, EVAL_SET_NAMES, where=f"{flag} {name}")  # every row, as `evaluate` checks them
         _validated_sets(sets)
     except (TypeError, ValueError) as err:
         raise UsageError(f"{flag} {name}: {err}") from err
@@ -243,21 +293,19 @@ def load_eval_sets(name: str, flag: str = "--eval_sets", world_seed: int = 0) ->
 
 
 def build_judge(name: str | None, refusal_labels: list[str] | None = None):
-    """'keyword' (or None), 'safety_world' (SafetyWorld's exact judge) or a local classifier / guard checkpoint."""
-    from ..judges.builtin import judge_from_name
+    """A registered judge ('keyword' when None, 'safety_world', ...) or a local classifier / guard checkpoint, through
+    ``rasa_trainer.judges.judge_from_name``; the refusal labels go to a judge that takes them."""
+    from ..judges import judge_from_name
 
-    if name == SAFETY_WORLD:
-        from ..safety_world import SafetyWorldJudge
-
-        return SafetyWorldJudge()
-    return judge_from_name(name or "keyword", **({"refusal_labels": refusal_labels} if refusal_labels else {}))
+    name = name or "keyword"
+    return judge_from_name(name, **judge_options(name, refusal_labels))
 
 
 def eval_suite(name: str, sets: dict[str, list[dict[str, Any]]], judge: str | None,
                refusal_labels: list[str] | None = None) -> EvalSuite:
     """The judges for ``sets``: SafetyWorld's exact judge and answer check for its own sets (or ``judge
     'safety_world'``), otherwise ``judge`` ('keyword' by default) with the keyword refusal judge for over-refusal."""
-    from ..judges.builtin import RefusalKeywordJudge
+    from ..judges import RefusalKeywordJudge
 
     if judge == SAFETY_WORLD or (judge is None and name == SAFETY_WORLD):
         from ..safety_world import SafetyWorldJudge, utility_correct

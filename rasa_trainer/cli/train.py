@@ -18,6 +18,7 @@ model card, which names the evaluated artefact).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -35,7 +36,7 @@ from .common import (
     UsageError,
     build_judge,
     check_at_least,
-    check_judge,
+    check_judges,
     check_model,
     check_output_dir,
     check_threshold,
@@ -45,6 +46,7 @@ from .common import (
     load_model,
     load_pairs,
     load_selection,
+    options_given,
     parse,
     split_equals,
     torch_dtype,
@@ -88,7 +90,12 @@ class TrainScriptArguments:
         default=None,
         metadata={"help": "Judge of detection and evaluation: 'keyword', 'safety_world' or a local classifier/guard "
                           "checkpoint. Default: SafetyWorld's exact judge for SafetyWorld data and evaluation sets, "
-                          "'keyword' otherwise."},
+                          "'keyword' otherwise. --detection_judge, when given, sets the judge of detection (the two "
+                          "must then agree)."},
+    )
+    judge_refusal_labels: list[str] | None = field(
+        default=None, metadata={"help": "For a classifier judge (--judge or --detection_judge): the labels that mean "
+                                        "'refused'."}
     )
     world_seed: int = field(default=0, metadata={"help": "Seed of the SafetyWorld data and evaluation sets."})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "New tokens per reply in evaluation."})
@@ -118,12 +125,32 @@ class Inputs:
 def parse_args(argv: list[str] | None = None):
     """``(script_args, training_args, model_args)``; with neither ``--config`` nor ``--model_name_or_path`` the
     SafetyWorld demo config is the base."""
+    from .arguments import check_dataset_has_model
     from ..training.config import RASAConfig
 
     argv = split_equals(list(sys.argv[1:] if argv is None else argv), ("--config", "--model_name_or_path"))
     if "--config" not in argv and "--model_name_or_path" not in argv:
         argv = ["--config", str(SAFETY_WORLD_CONFIG), *argv]
-    return parse((TrainScriptArguments, RASAConfig, ModelLoadArguments), argv, "rasa-trainer train")
+    parsed = parse((TrainScriptArguments, RASAConfig, ModelLoadArguments), argv, "rasa-trainer train")
+    check_dataset_has_model(argv, parsed[0].dataset_name, parsed[2].model_name_or_path)
+    resolve_detection_judge(parsed[0], parsed[1], options_given(argv))
+    return parsed
+
+
+def resolve_detection_judge(script_args: TrainScriptArguments, args, given: set[str]) -> None:
+    """The judge of detection, written into ``args.detection_judge`` (so training_args.json records the judge used):
+    ``--detection_judge`` when given (command line or YAML), else ``--judge``, else SafetyWorld's judge for SafetyWorld
+    data and 'keyword' otherwise. Both given and different is refused."""
+    if "detection_judge" in given:
+        if script_args.judge is not None and script_args.judge != args.detection_judge:
+            raise UsageError(
+                f"--judge {script_args.judge} and --detection_judge {args.detection_judge} disagree: --judge is the "
+                "judge of detection and evaluation, --detection_judge the judge of detection; give one of them, or the "
+                "same judge to both (to evaluate with another judge, run `rasa-trainer evaluate --judge ...` on the "
+                "saved model)")
+        return
+    world_data = script_args.dataset_name in (None, SAFETY_WORLD)
+    args.detection_judge = script_args.judge or (SAFETY_WORLD if world_data else "keyword")
 
 
 def resolve_resume(value: Any, output_dir: str) -> str | None:
@@ -145,7 +172,84 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
     if not os.path.isdir(folder):
         raise UsageError(f"--resume_from_checkpoint {value}: no such folder; give a checkpoint-* folder written by "
                          "the trainer, or true for the latest one in --output_dir")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise UsageError(f"--resume_from_checkpoint {value}: cannot resume from it: {problem}; give a complete "
+                         "checkpoint-* folder, or true for the newest complete one in --output_dir")
     return folder
+
+
+def check_run_folder(args, resume: str | None) -> None:
+    """One run per output folder, before anything is loaded: no other run holds ``--output_dir``; a new run does not
+    land on another run's checkpoint-* folders (unless ``--overwrite_output_dir``); ``model/`` holds no symbolic link
+    the save would write through."""
+    from ..training.saving import OutputFolderError, earlier_checkpoints, refuse_links, run_lock_holder
+
+    holder = run_lock_holder(args.output_dir)
+    if holder is not None:
+        raise UsageError(f"--output_dir {args.output_dir} is in use by another run ({holder}); one run per output "
+                         "folder: wait for it to finish, or choose another --output_dir")
+    try:
+        if resume is None:
+            earlier_checkpoints(args.output_dir, args.overwrite_output_dir)
+        model_dir = os.path.join(args.output_dir, "model")
+        if os.path.lexists(model_dir):
+            refuse_links(model_dir, allow_self=False)
+    except OutputFolderError as err:
+        raise UsageError(f"--output_dir: {err}") from err
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str, main_process: bool):
+    """The main process holds ``output_dir``'s run lock for the whole command (the trainer inside joins it)."""
+    from ..training.saving import OutputFolderError, hold_run_lock
+
+    if not main_process:
+        yield
+        return
+    try:
+        lock = hold_run_lock(output_dir)
+    except OutputFolderError as err:
+        raise UsageError(f"--output_dir: {err}") from err
+    with lock:
+        yield
+
+
+def check_resumed_run(resume: str | None, args, pairs, selection) -> None:
+    """Resuming: the arguments that shape the result, the pairs and the selection must be those the checkpoint was
+    trained with, before anything is loaded (the trainer checks the rest, and all of it again, before the first
+    step; the world size it checks alone)."""
+    from ..training.saving import read_fingerprint, run_differences
+
+    if resume is None or args.ignore_checkpoint_mismatch or "args" not in read_fingerprint(resume):
+        return  # (a manifest without a run fingerprint was not written by a run: the trainer refuses it, naming it)
+    differences = [d for d in run_differences(resume, args, pairs, selection) if not d.startswith("world_size:")]
+    if differences:
+        raise UsageError(f"--resume_from_checkpoint {resume}: the checkpoint belongs to another run: "
+                         f"{'; '.join(differences)}. Resume with the arguments, data and selection it was trained with, "
+                         "start a new run in another --output_dir, or pass --ignore_checkpoint_mismatch true to resume "
+                         "anyway")
+
+
+def check_resumed_model(resume: str | None, model, tokenizer, args) -> None:
+    """Resuming: the model just loaded (config, weights, dtype) and its tokenizer (vocabulary, special tokens, chat
+    template) must be those the checkpoint was trained from, before any evaluation or training. (With
+    ``--chat_template_path``, ``--eos_token`` or ``--pad_token`` the trainer changes the tokenizer first, and checks it
+    itself before the first step.)"""
+    if resume is None or any(getattr(args, name, None) for name in ("chat_template_path", "eos_token", "pad_token")):
+        return
+    from ..training.saving import checkpoint_model_differences
+
+    differences = checkpoint_model_differences(resume, model, tokenizer)
+    if not differences:
+        return
+    listed = "; ".join(differences)
+    if args.ignore_checkpoint_mismatch:
+        logger.warning("resuming from %s although it was trained from another model (%s)", resume, listed)
+        return
+    raise UsageError(f"--resume_from_checkpoint {resume}: the checkpoint was trained from another model: {listed}. "
+                     "Resume with the --model_name_or_path, --dtype and tokenizer the run started from, start a new "
+                     "run in another --output_dir, or pass --ignore_checkpoint_mismatch true to resume anyway")
 
 
 def check_values(script_args: TrainScriptArguments, args) -> None:
@@ -161,14 +265,16 @@ def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArgu
     check_values(script_args, args)
     torch_dtype(model_args.dtype)
     check_model(model_args.model_name_or_path or SAFETY_WORLD)
-    check_judge(script_args.judge)
+    check_judges([("--judge", script_args.judge), ("--detection_judge", args.detection_judge)],
+                 script_args.judge_refusal_labels)
     check_output_dir(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    check_run_folder(args, resume)
     selection = _selection(script_args, args, resume)
     pairs = _pairs(script_args, args)
+    check_resumed_run(resume, args, pairs, selection)
     world_data = script_args.dataset_name in (None, SAFETY_WORLD)
-    detection_judge = script_args.judge or (SAFETY_WORLD if world_data else "keyword")
-    return Inputs(pairs, _suite(script_args, world_data), detection_judge, selection, resume,
+    return Inputs(pairs, _suite(script_args, world_data), args.detection_judge, selection, resume,
                   _retain(script_args, args))
 
 
@@ -217,7 +323,8 @@ def _suite(script_args: TrainScriptArguments, world_data: bool) -> EvalSuite | N
     if name is None:
         return None
     sets = load_eval_sets(name, world_seed=script_args.world_seed)
-    return eval_suite(name, sets, script_args.judge or (SAFETY_WORLD if world_data else None))
+    return eval_suite(name, sets, script_args.judge or (SAFETY_WORLD if world_data else None),
+                      script_args.judge_refusal_labels)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -298,8 +405,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     inputs = preflight(script_args, args, model_args)
     state = PartialState()
+    with run_lock(args.output_dir, state.is_main_process):
+        return run(script_args, args, model_args, inputs, state)
+
+
+def run(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments, inputs: Inputs, state):
+    """Everything after the checks, with the output folder held (see :func:`main`)."""
     model, tokenizer = load_model(_with_default_model(model_args), device=args.device,
                                   trust_remote_code=args.trust_remote_code)
+    check_resumed_model(inputs.resume, model, tokenizer, args)
     evaluating = inputs.suite is not None and not script_args.skip_eval
     base_model = copy.deepcopy(model) if evaluating and script_args.routing_diagnostics else None
     before = None
@@ -327,7 +441,8 @@ def train(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, a
 
     selection = inputs.selection
     if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
-        selection = detect(model, tokenizer, inputs.pairs, build_judge(inputs.detection_judge), args, is_main)
+        judge = build_judge(inputs.detection_judge, script_args.judge_refusal_labels)
+        selection = detect(model, tokenizer, inputs.pairs, judge, args, is_main)
     trainer = RASATrainer(model, args=args, train_dataset=inputs.pairs, processing_class=tokenizer,
                           safety_critical_experts=selection, retain_dataset=inputs.retain)
     trainer.train(resume_from_checkpoint=inputs.resume)

@@ -12,6 +12,12 @@ The key names and shapes are not hard-coded: they are read off a PEFT model buil
 model, so they follow the installed PEFT's layout (nesting of wrappers when two parameters of one module are
 targeted, prefixes), and the written file is checked against them.
 
+An adapter carries its identity: ``rasa_adapter.json`` records the model type, the hidden size and every MoE layer's
+experts and expert-parameter shapes beside the selection, rank and alpha. :func:`load_rasa_adapter` loads nothing
+until the adapter agrees with the model it is loaded onto (type, MoE layers, experts, shapes) and with itself (the
+rank read from the tensors' shapes, ``rasa_adapter.json`` and PEFT's ``adapter_config.json`` on rank, alpha, targets
+and routers; the experts whose factors are non-zero are exactly the selection); any difference is an error naming it.
+
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
@@ -35,7 +41,8 @@ __all__ = ["load_rasa_adapter", "save_peft_adapter"]
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-RASA_ADAPTER_INFO = "rasa_adapter.json"  # the selection and LoRA settings, for loading back into RASA repairs
+RASA_ADAPTER_INFO = "rasa_adapter.json"  # model identity, selection and LoRA settings, for loading back into RASA
+INFO_FORMAT = 2  # 1 (no field): selection, rank, alpha, routers only; 2: with the model's identity
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -139,10 +146,26 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike, state: dict[s
     atomic_save_safetensors(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     atomic_write_json(_jsonable(config.to_dict()), os.path.join(folder, ADAPTER_CONFIG))
     atomic_write_json(
-        {"selection": {str(k): v for k, v in selection.items()}, "rank": first.rank, "alpha": first.alpha,
-         "routers": routers},
+        {"format": INFO_FORMAT, **_model_identity(model), "selection": {str(k): v for k, v in selection.items()},
+         "rank": first.rank, "alpha": first.alpha, "routers": routers},
         os.path.join(folder, RASA_ADAPTER_INFO),
     )
+
+
+def _model_identity(model: nn.Module) -> dict:
+    """What an adapter must agree with in the model it is loaded onto: the model type, the hidden size and, per MoE
+    layer, the number of routed experts and the shapes of the fused expert parameters."""
+    config = unwrap_model(model).config
+    return {
+        "model_type": config.model_type,
+        "hidden_size": getattr(config.get_text_config(), "hidden_size", None),
+        "moe_layers": [
+            {"num_experts": layer.num_experts,
+             "shapes": {name: list(_full_shape(getattr(layer.experts, name)))
+                        for name in _lora_parameter_names(layer.experts)}}
+            for layer in moe_layers(model)
+        ],
+    }
 
 
 def _selected_experts(repairs: ExpertRepairs) -> list[int]:
@@ -195,26 +218,129 @@ def _jsonable(value):
 
 def load_rasa_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Attach the LoRA repairs (and routers) of a RASA PEFT adapter to ``model`` as RASA repairs, for evaluation or
-    inspection; :func:`rasa_trainer.repairs.layer.unload_repairs` then gives the merged plain model. Returns the model."""
+    inspection; :func:`rasa_trainer.repairs.layer.unload_repairs` then gives the merged plain model. Returns the model.
+
+    Nothing is attached unless the adapter matches ``model`` (model type, MoE layers, experts, expert shapes) and
+    itself (rank from the tensors' shapes, ``rasa_adapter.json`` and ``adapter_config.json`` on rank, alpha, targets
+    and routers; non-zero factors exactly for the selected experts); otherwise ``ValueError`` names every difference."""
+    folder = os.fspath(folder)
     info = _read_json(os.path.join(folder, RASA_ADAPTER_INFO))
+    peft_config = _read_json(os.path.join(folder, ADAPTER_CONFIG))
     weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
     try:
         tensors = load_file(weights_path)
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"cannot read {weights_path} ({err}); the adapter folder is incomplete or corrupt") from err
-    selection = {int(k): [int(e) for e in v] for k, v in info["selection"].items()}
-    config = _lora_config(model, selection, info["rank"], info["alpha"], info["routers"])
-    targets, _ = _peft_layout(model, config)
-    attach_repairs(model, selection, "lora", info["rank"], info["alpha"])
+    try:
+        selection = {int(k): sorted(int(e) for e in v) for k, v in info["selection"].items()}
+        rank, alpha, routers = int(info["rank"]), float(info["alpha"]), bool(info["routers"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{os.path.join(folder, RASA_ADAPTER_INFO)} lacks or garbles {err}; the adapter folder is "
+                         "corrupt") from None
+    _refuse(folder, "was written for another model", _model_differences(info, model, selection))
+    config = _lora_config(model, selection, rank, alpha, routers)
+    targets, shapes = _peft_layout(model, config)
+    _refuse(folder, "does not agree with itself", _self_differences(info, peft_config, config, tensors, shapes, targets,
+                                                                     selection, rank))
+    attach_repairs(model, selection, "lora", rank, alpha)
     with torch.no_grad():
         for target in targets:
-            _load_factors(target, tensors, info["rank"])
-        if info["routers"]:
+            _load_factors(target, tensors, rank)
+        if routers:
             upcast_routers(model)
             for layer in moe_layers(model):
                 for name, value in layer.router.state_dict().items():
                     value.copy_(tensors[f"{_PEFT_PREFIX}{layer.router_name}.{name}"])
     return model
+
+
+def _refuse(folder: str, what: str, differences: list[str]) -> None:
+    if not differences:
+        return
+    fix = ("load it onto the base model it was trained from" if "another model" in what else
+           "its files were edited or come from different adapters: use the adapter folder as RASATrainer wrote it")
+    raise ValueError(f"the RASA adapter {folder} {what}: {'; '.join(differences)}. Nothing was loaded; {fix}")
+
+
+def _model_differences(info: dict, model: nn.Module, selection: dict[int, list[int]]) -> list[str]:
+    """How ``model`` differs from the model the adapter was written for (``rasa_adapter.json``)."""
+    current = _model_identity(model)
+    layers = current["moe_layers"]
+    diffs = []
+    if "model_type" not in info:  # an adapter of format 1: only what the tensors show can be checked
+        warnings.warn("this RASA adapter predates the model identity in rasa_adapter.json; only its shapes are checked "
+                      "against the model", stacklevel=3)
+    else:
+        if info["model_type"] != current["model_type"]:
+            diffs.append(f"model type: adapter {info['model_type']}, model {current['model_type']}")
+        if info.get("hidden_size") != current["hidden_size"]:
+            diffs.append(f"hidden size: adapter {info.get('hidden_size')}, model {current['hidden_size']}")
+        saved = info.get("moe_layers") or []
+        if len(saved) != len(layers):
+            diffs.append(f"MoE layers: adapter {len(saved)}, model {len(layers)}")
+        for index, (old, new) in enumerate(zip(saved, layers)):
+            if old.get("num_experts") != new["num_experts"]:
+                diffs.append(f"MoE layer {index} experts: adapter {old.get('num_experts')}, model {new['num_experts']}")
+            elif old.get("shapes") != new["shapes"]:
+                diffs.append(f"MoE layer {index} expert shapes: adapter {old.get('shapes')}, model {new['shapes']}")
+    for index, experts in sorted(selection.items()):
+        if not 0 <= index < len(layers):
+            diffs.append(f"selection names MoE layer {index}; the model has MoE layers 0..{len(layers) - 1}")
+        elif any(not 0 <= e < layers[index]["num_experts"] for e in experts):
+            diffs.append(f"selection names experts {experts} of MoE layer {index}, which has "
+                         f"{layers[index]['num_experts']}")
+    return diffs
+
+
+def _self_differences(info: dict, peft_config: dict, config, tensors: dict[str, torch.Tensor],
+                      shapes: dict[str, tuple[int, ...]], targets: list[_Target], selection: dict[int, list[int]],
+                      rank: int) -> list[str]:
+    """Where the adapter's files disagree: the two JSON files, the tensors' shapes and the selection its factors
+    hold."""
+    diffs = []
+    if peft_config.get("r") != rank:
+        diffs.append(f"rank: {RASA_ADAPTER_INFO} {rank}, {ADAPTER_CONFIG} r {peft_config.get('r')}")
+    if peft_config.get("lora_alpha") != info["alpha"]:
+        diffs.append(f"alpha: {RASA_ADAPTER_INFO} {info['alpha']}, {ADAPTER_CONFIG} lora_alpha "
+                     f"{peft_config.get('lora_alpha')}")
+    if sorted(peft_config.get("target_parameters") or []) != sorted(config.target_parameters):
+        diffs.append(f"targets: {ADAPTER_CONFIG} targets {sorted(peft_config.get('target_parameters') or [])}, the "
+                     f"selection in {RASA_ADAPTER_INFO} targets {sorted(config.target_parameters)}")
+    if bool(peft_config.get("modules_to_save")) != bool(info["routers"]):
+        diffs.append(f"routers: {RASA_ADAPTER_INFO} routers={info['routers']}, {ADAPTER_CONFIG} modules_to_save="
+                     f"{peft_config.get('modules_to_save')}")
+    for target in targets:  # the rank the tensors have, read off their shapes
+        num = int(_full_shape(target.layer.experts.down_proj)[0])
+        key_a, key_b = f"{target.key}.lora_A.weight", f"{target.key}.lora_B.weight"
+        if key_a not in tensors or key_b not in tensors:
+            continue  # named with the other missing keys below
+        rows, columns = tensors[key_a].shape[0], tensors[key_b].shape[-1]
+        if rows % num or columns % num or rows // num != rank or columns // num != rank:
+            diffs.append(f"rank: {RASA_ADAPTER_INFO} {rank}, the tensors of {target.layer.experts_name}.{target.name} "
+                         f"{rows / num:g} ({key_a} has {rows} rows for {num} experts)")
+            break
+    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        diffs.append(f"tensors: missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
+                     f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {shapes[k]})" for k in sorted(set(shapes) & set(tensors))
+             if tuple(tensors[k].shape) != tuple(shapes[k])]
+    if wrong:
+        diffs.append(f"tensor shapes: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+    if diffs:
+        return diffs
+    for target in targets:  # the experts whose factors are non-zero are the selection
+        num = int(_full_shape(target.layer.experts.down_proj)[0])
+        a = tensors[f"{target.key}.lora_A.weight"].reshape(num, rank, -1)
+        b = tensors[f"{target.key}.lora_B.weight"].reshape(-1, rank, num)
+        held = sorted({int(e) for e in (a != 0).flatten(1).any(1).nonzero().flatten()} |
+                      {int(e) for e in (b != 0).permute(2, 0, 1).flatten(1).any(1).nonzero().flatten()})
+        named = selection.get(target.layer.index, [])
+        if held != named:
+            diffs.append(f"selection: {RASA_ADAPTER_INFO} names experts {named} of MoE layer {target.layer.index}, "
+                         f"the factors of {target.layer.experts_name}.{target.name} are those of experts {held}")
+            break
+    return diffs
 
 
 def _load_factors(target: _Target, tensors: dict[str, torch.Tensor], rank: int) -> None:

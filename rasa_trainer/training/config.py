@@ -12,6 +12,7 @@ import torch
 from trl import SFTConfig
 
 from ..data.contract import DEFAULT_REFUSAL
+from ..detection.policies import POLICY_NAMES
 from ..repairs.layer import REPAIR_MODES
 from ..moe.routing import REPLAY_WEIGHT_MODES
 
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("alternate", "expert_only", "router_only", "full")
 KL_DIRECTIONS = ("forward", "reverse", "symmetric")
-SELECTION_POLICIES = ("global_topk", "per_layer_topk", "batch_union", "per_layer_top_p", "random")
+SELECTION_POLICIES = POLICY_NAMES  # the selection-policy registry's names, live (rasa_trainer.detection.policies)
 ROUTER_LOSSES = ("pooled", "per_pair")
 
 
@@ -108,7 +109,7 @@ class RASAConfig(SFTConfig):
         default="global_topk",
         metadata={"help": "Safety-Critical Expert selection policy when the trainer runs detection itself ('random', "
                           "an ablation, draws experts with `seed`).",
-                  "choices": list(SELECTION_POLICIES)},
+                  "choices": SELECTION_POLICIES},
     )
     sce_num_experts: float = field(
         default=0.125,
@@ -130,6 +131,12 @@ class RASAConfig(SFTConfig):
         metadata={"help": "Resume from a checkpoint even when its run fingerprint (the arguments that shape the result, "
                           "the training data, the selection, the package version) differs from this run's. Off by "
                           "default: such a resume is refused with the differences listed."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let a new (not resumed) run use an output_dir that holds checkpoint-* folders of another "
+                          "run: they are removed when training starts. Off by default: such a run is refused, so no "
+                          "run's checkpoints are rotated, overwritten or resumed by another."},
     )
     num_train_epochs: float | None = field(
         default=None, metadata={"help": "Derived from rasa_rounds and rasa_schedule; leave unset."}

@@ -2,8 +2,10 @@
 a checkpoint every two steps; writes the final trainable parameters and merged weights to ``final.safetensors``.
 
     python tests/jobs/checkpoint_job.py OUTPUT_DIR [--resume] [--save_total_limit N] [--rounds R]
+                                        [--fault POINT [--occurrence N]]
 
-Set RASA_FAULT_POINT (and RASA_FAULT_OCCURRENCE) to be killed at a write point of a checkpoint save.
+``--fault`` arms tests/fault_injection.py: the process is killed (SIGKILL) the N-th time it reaches that write point of
+a checkpoint save.
 """
 
 import argparse
@@ -12,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from conftest import tiny_model  # noqa: E402
+from fault_injection import POINTS, install  # noqa: E402
 from test_trainer import make_selection  # noqa: E402
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs  # noqa: E402
 
@@ -26,7 +29,11 @@ def main() -> None:
     parser.add_argument("--save_total_limit", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--fault", choices=POINTS, default=None)
+    parser.add_argument("--occurrence", type=int, default=1)
     options = parser.parse_args()
+    if options.fault is not None:
+        install(options.fault, options.occurrence)
     tokenizer = tiny_chat_tokenizer()
     model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
     args = RASAConfig(

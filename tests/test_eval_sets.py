@@ -248,3 +248,31 @@ def test_run_lm_eval_on_a_local_task(tmp_path):
     assert metrics == {"sw_utility/acc": 1.0, "sw_utility/acc_stderr": 0.0, "sw_utility_wrong/acc": 0.0,
                        "sw_utility_wrong/acc_stderr": 0.0}
     assert model.training  # the mode HFLM changed is restored
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# every row through the pair contract, no empty set (issue 21, item 6)
+
+
+def test_loaded_and_written_sets_follow_the_contract(tmp_path):
+    existing = tmp_path / "existing.json"
+    existing.write_text(json.dumps({"attacks": [{"prompt": [{"role": "bot", "content": "hi"}], "attack": "x"}]}))
+    with pytest.raises(ValueError, match=r"(?s)existing\.json: rows break the evaluation-set contract.*set 'attacks', row 0, "
+                                         r"column 'prompt': message 0 has unknown role 'bot'"):
+        load_eval_sets(existing=existing)
+    existing.write_text(json.dumps({"anchors": []}))
+    with pytest.raises(ValueError, match="set 'anchors' has no rows"):
+        load_eval_sets(existing=existing)
+    existing.write_text("{}")
+    with pytest.raises(ValueError, match="no evaluation set has any row"):
+        load_eval_sets(existing=existing)
+    with pytest.raises(ValueError, match=r"set 'attacks', row 0, column 'prompt': message 0 has no 'content'"):
+        write_eval_sets({"attacks": [{"prompt": [{"role": "user"}], "attack": "x"}]}, tmp_path / "out.json")
+    with pytest.raises(ValueError, match="set 'attacks' has no rows"):
+        write_eval_sets({"attacks": []}, tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_an_xstest_table_with_one_label_gives_one_set(tmp_path):
+    path = write_csv(tmp_path / "xstest.csv", [row for row in XSTEST_ROWS if row["label"].strip().lower() == "safe"])
+    assert set(load_eval_sets(xstest=path)) == {"over_refusal"}

@@ -387,3 +387,56 @@ def test_estimate_from_config_reads_the_training_keys(tmp_path):
     assert estimate_memory_from_config(values, num_processes=2).settings["num_processes"] == 2
     with pytest.raises(ValueError, match="optim"):
         estimate_memory_from_config({**values, "optim": "sgd"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# impossible values are refused before any work (issue 21, item 8)
+
+
+def test_selection_value_is_a_count_or_a_fraction():
+    from rasa_trainer.memory.plan import selection_value
+
+    assert selection_value(0.125) == 0.125 and selection_value(8) == 8 and selection_value(8.0) == 8
+    assert isinstance(selection_value(8.0), int) and selection_value("0.5") == 0.5
+    for bad, fragment in [(1.5, "neither a whole count"), (0, ">= 1"), (-2, ">= 1"), (float("nan"), ">= 1"),
+                          (float("inf"), ">= 1"), ("many", "give a count"), (True, "give a count")]:
+        with pytest.raises(ValueError, match=fragment):
+            selection_value(bad)
+    with pytest.raises(ValueError, match="neither a whole count"):
+        estimate_memory(tiny_config("olmoe"), 1.5)
+
+
+def test_impossible_config_values_are_named():
+    from rasa_trainer.memory.models import check_config_sizes
+
+    with pytest.raises(ValueError, match=r"--config_kwargs: impossible model values: hidden_size=2\.5 .*; "
+                                         r"num_experts=-3"):
+        check_config_sizes({"num_experts": -3, "hidden_size": 2.5}, "--config_kwargs")
+    with pytest.raises(ValueError, match="num_experts_per_tok=9 is more than the 8 experts"):
+        check_config_sizes({"num_experts": 8, "num_experts_per_tok": 9})
+    check_config_sizes(tiny_config("olmoe"))
+
+
+def test_estimate_memory_from_config_refuses_a_fractional_count():
+    from rasa_trainer.memory import estimate_memory_from_config
+
+    with pytest.raises(ValueError, match=r"sce_num_experts=1\.5: neither a whole count"):
+        estimate_memory_from_config({"sce_num_experts": 1.5}, model=tiny_config("olmoe"))
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--selection", "1.5"], "--selection 1.5: neither a whole count of experts nor a fraction in (0, 1)"),
+    (["--selection", "-1"], "--selection -1.0: give a count of experts (>= 1)"),
+    (["--selection", "100000"], "--selection 100000: the model has 1024 routed experts; give 1..1024"),
+    (["--tokens_in_dataset", "-5"], "--tokens_in_dataset -5: must be at least 0"),
+    (["--config_kwargs", '{"num_experts": -3}'], "--config_kwargs: impossible model values: num_experts=-3"),
+    (["--config_kwargs", '{"num_experts": 2.5}'], "num_experts=2.5 (a size: give a whole number >= 1)"),
+    (["--config_kwargs", '{"num_experts_per_tok": 500}'], "num_experts_per_tok=500 is more than the 64 experts"),
+    (["--config_kwargs", '{"rope_theta": "x"}'], "check --config_kwargs"),
+])
+def test_estimate_memory_cli_refuses_impossible_values(argv, fragment, capsys):
+    from rasa_trainer.cli import main
+
+    assert main(["estimate-memory", "--model", "OLMoE-1B-7B", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err

@@ -39,10 +39,10 @@ class BatchRecorder(RASATrainer):
         with record_routing(model, probabilities=False) as rec:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.steps.append({
-            "phase": self._phase, "epoch": self._phase_epoch, "rows": rows.clone(), "batch": int(mask.shape[0]),
+            "phase": self.phases.phase, "epoch": self.phases.epoch, "rows": rows.clone(), "batch": int(mask.shape[0]),
             "retain": None if retain is None else retain.clone().cpu(), "mask": mask,
-            "used": real_tokens(rec.routing(), mask).stacked_indices() if self._phase == "expert" else None,
-            "cache": self._routing_cache,
+            "used": real_tokens(rec.routing(), mask).stacked_indices() if self.phases.phase == "expert" else None,
+            "cache": self.routing.cache,
         })
         return loss
 
@@ -91,7 +91,7 @@ def test_retain_routing_is_replayed_bit_identical(tmp_path):
     # the retain rows' routing under the model before training, recorded independently of the trainer
     trainer._prepare_retain()
     with torch.no_grad():
-        for i, example in enumerate(trainer._retain_examples):
+        for i, example in enumerate(trainer.retain.examples):
             ids = torch.tensor([example["input_ids"]])
             with record_routing(model, probabilities=False) as one:
                 model(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -101,7 +101,7 @@ def test_retain_routing_is_replayed_bit_identical(tmp_path):
     checked = 0
     for step in (s for s in trainer.steps if s["phase"] == "expert"):
         n = len(step["rows"])
-        positions = torch.cat([trainer._positions(step["rows"]), num_pairs + step["retain"]])
+        positions = torch.cat([trainer.routing.positions(step["rows"]), num_pairs + step["retain"]])
         cached = real_tokens(step["cache"].batch_routing(positions, step["mask"]), step["mask"]).stacked_indices()
         assert torch.equal(step["used"].long(), cached.long())  # the whole batch, retain rows included
         if step["epoch"] == 0:  # first expert phase: the cache is the base model's routing
@@ -116,7 +116,7 @@ def test_retain_routing_is_replayed_bit_identical(tmp_path):
     # without replay the trained model routes some retain token elsewhere: the replay is what kept it
     moved = False
     with torch.no_grad():
-        for i, example in enumerate(trainer._retain_examples):
+        for i, example in enumerate(trainer.retain.examples):
             ids = torch.tensor([example["input_ids"]])
             with record_routing(trainer.model, probabilities=False) as one:
                 trainer.model(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -142,7 +142,7 @@ def test_split_losses_match_the_parts(tmp_path):
     trainer = make_trainer(tmp_path, retain_rows(6), retain_ratio=0.5, rasa_schedule="expert_only")
     trainer._prepare_retain()
     batch = next(iter(trainer.get_train_dataloader()))
-    trainer._phase, trainer._phase_epoch = "expert", 0
+    trainer.phases.set_phase("expert", 0)
     batch = trainer._with_retain_rows(batch, 0)
     n = len(batch["rasa_index"])
     model = trainer.model.train()
@@ -175,7 +175,7 @@ def test_retain_rows_do_not_dilute_the_pairs_loss(tmp_path):
     trainer = make_trainer(tmp_path, retain_rows(6), retain_ratio=0.5, rasa_schedule="expert_only",
                            retain_loss_weight=0.5)
     trainer._prepare_retain()
-    trainer._phase, trainer._phase_epoch = "expert", 0
+    trainer.phases.set_phase("expert", 0)
     batch = trainer._with_retain_rows(next(iter(trainer.get_train_dataloader())), 0)
     n = len(batch["rasa_index"])
     model = trainer.model.train()
@@ -194,7 +194,7 @@ def test_retain_weighting_over_an_accumulated_step(tmp_path):
     trainer = make_trainer(tmp_path, retain_rows(6), retain_ratio=0.5, rasa_schedule="expert_only",
                            gradient_accumulation_steps=2, retain_loss_weight=2.0)
     trainer._prepare_retain()
-    trainer._phase, trainer._phase_epoch = "expert", 0
+    trainer.phases.set_phase("expert", 0)
     batches, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, torch.device("cpu"))
     assert num_items is not None and trainer._loss_scaled_for_accumulation(num_items)
     assert any("rasa_retain_index" in b for b in batches)
@@ -222,10 +222,10 @@ def retain_step(tmp_path, batch_size: int, accumulation: int) -> torch.Tensor:
     trainer = RASATrainer(model, args=args, train_dataset=tiny_pairs(8), processing_class=tokenizer,
                           safety_critical_experts=make_selection(model), retain_dataset=retain_rows(6),
                           optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1.0}))
-    before = [p.detach().clone() for p in trainer._groups["experts"]]
+    before = [p.detach().clone() for p in trainer.param_groups.groups["experts"]]
     trainer.train()
     assert trainer.state.global_step == 1
-    return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(trainer._groups["experts"], before)])
+    return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(trainer.param_groups.groups["experts"], before)])
 
 
 def test_retain_step_does_not_depend_on_batching(tmp_path):
@@ -269,9 +269,9 @@ def test_prompts_only_retain_rows_get_generated_completions_once(tmp_path, monke
     assert calls == [(5, 8, False)]  # once, every prompt-only row in one batched call, greedy
     tokenizer = trainer.processing_class
     for i, reply in zip((0, 2, 3, 4, 5), expected):
-        labels = [t for t in trainer._retain_examples[i]["labels"] if t != -100]
+        labels = [t for t in trainer.retain.examples[i]["labels"] if t != -100]
         assert tokenizer.decode(labels, skip_special_tokens=True).split()[: len(reply.split())] == reply.split()
-    labels = [t for t in trainer._retain_examples[1]["labels"] if t != -100]
+    labels = [t for t in trainer.retain.examples[1]["labels"] if t != -100]
     assert tokenizer.decode(labels, skip_special_tokens=True).split()[0] == "velm"
 
 
@@ -298,9 +298,10 @@ def test_changed_retain_refuses_resume(tmp_path, change):
                          rasa_schedule="expert_only", save_strategy="steps", save_steps=2)
     first.train()
     retain = {"rows": retain_rows(4), "none": None, "ratio": retain_rows(5), "weight": retain_rows(5)}[change]
-    ratio = 0.75 if change == "ratio" else 0.5
-    other = make_trainer(tmp_path / "b", retain, retain_ratio=ratio, cls=RASATrainer, rasa_schedule="expert_only",
-                         retain_loss_weight=2.0 if change == "weight" else 1.0)
+    # without retain rows retain_ratio stays at its default (a ratio set without rows is refused)
+    ratio = {"ratio": {"retain_ratio": 0.75}, "none": {}}.get(change, {"retain_ratio": 0.5})
+    other = make_trainer(tmp_path / "b", retain, cls=RASATrainer, rasa_schedule="expert_only",
+                         retain_loss_weight=2.0 if change == "weight" else 1.0, **ratio)
     with pytest.raises(ValueError, match="belongs to another run: .*retain data"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
 
@@ -344,3 +345,34 @@ def test_no_retain_rows_without_retain_data_or_ratio(tmp_path):
     assert "retain" not in trainer._run_fingerprint()
     trainer.create_model_card(output_dir=str(tmp_path / "card"))
     assert "retain" not in (tmp_path / "card" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 21, items 4 and 6: no inert retain_ratio, no retain row that answers a training jailbreak
+
+
+def test_retain_ratio_without_retain_data_is_refused(tmp_path):
+    from rasa_trainer.training.retain import _validated_retain
+
+    with pytest.raises(ValueError, match=r"retain_ratio=0\.5 is set but no retain_dataset is given, so it would do "
+                                         r"nothing; pass the retain rows .* or leave retain_ratio at its default"):
+        make_trainer(tmp_path, None, cls=RASATrainer, retain_ratio=0.5)
+    for ratio in (0.25, 0.0):  # the default, and 0 (which says: no retain rows)
+        assert _validated_retain(None, make_args(tmp_path, retain_ratio=ratio)) is None
+
+
+def test_retain_rows_repeating_a_training_jailbreak_without_a_refusal_are_refused(tmp_path):
+    from rasa_trainer.training.retain import _validated_retain
+
+    pairs = tiny_pairs()
+    args = make_args(tmp_path, rasa_schedule="alternate")
+    retain = retain_rows(3) + [
+        {"prompt": pairs[1]["prompt"], "completion": "sure here is step one"},  # the jailbreak, answered
+        {"prompt": [{"role": "user", "content": pairs[0]["anchor_prompt"]}]},  # the plain request, no completion
+        {"prompt": pairs[2]["prompt"], "completion": pairs[2]["completion"]},  # answered with the refusal: fine
+    ]
+    with pytest.raises(ValueError, match=r"retain_dataset: 2 row\(s\) repeat a training pair's prompt without a "
+                                         r"refusal:\n  - retain row 3 repeats pair row 1's 'prompt' .*\n  - retain row 4 "
+                                         r"repeats pair row 0's 'anchor_prompt' and has no completion"):
+        _validated_retain(retain, args, None, train_dataset=pairs)
+    assert len(_validated_retain(retain[:3] + retain[5:], args, None, train_dataset=pairs)) == 4

@@ -12,11 +12,16 @@ Two builders (see :mod:`rasa_trainer.data.pairs`):
           --num_pairs 2000 --seed 0 --output pairs.jsonl
 
 Arguments can also come from a YAML file with ``--config build.yaml`` (keys are the argument names; ``from:`` is
-accepted for ``build_from``); command-line arguments override it. Errors are reported before anything is written.
+accepted for ``build_from``); command-line arguments override it. Errors are reported before anything is written,
+and ``--output`` may not be one of the files read (``--input``, ``--templates``, ``--goals``, ``--config``), under any
+name. A template folder as a library publishes it (e.g. PyRIT's ``pyrit/datasets/jailbreak/templates``) is read whole:
+templates that need variables other than ``{{ prompt }}`` are skipped and templates sharing a name are told apart by
+their file, each with one warning line (see :func:`rasa_trainer.data.pairs.load_templates`).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -118,6 +123,17 @@ def build(args: BuildPairsArguments):
     raise ValueError(f"--from {args.build_from!r}; expected one of {BUILDERS}")
 
 
+def input_paths(args: BuildPairsArguments, argv: list[str] | None = None) -> list[str]:
+    """Every file ``args`` reads (tables, template files and folders, goals) and the ``--config`` file of ``argv``."""
+    paths = [*(args.input or []), *(args.templates or []), *([args.goals] if args.goals else [])]
+    for i, arg in enumerate(argv or []):
+        if arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), build the pairs and write them to ``--output``; returns 0.
 
@@ -125,13 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         UsageError: a bad argument, file or row (the message names it); nothing is written then. The ``rasa-trainer``
             command prints it and exits with status 2.
     """
-    from rasa_trainer.data.pairs import write_pairs_jsonl
+    from rasa_trainer.data.pairs import check_output_path, write_pairs_jsonl
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser((BuildPairsArguments,), prog="rasa-trainer build-pairs")
     (args,) = parser.parse_args_and_config(argv)
     if not args.output:
         raise UsageError("--output is required: the JSONL file to write")
+    # warnings of the builders (templates skipped or renamed) reach the user as one line each, unless the
+    # application has configured logging itself
+    logging.basicConfig(level=logging.WARNING, format="rasa-trainer build-pairs: %(message)s")
     try:
+        check_output_path(args.output, input_paths(args, argv))
         pairs = build(args)
         path = write_pairs_jsonl(pairs, args.output)
     except (ValueError, OSError) as err:  # bad inputs, not bugs: the user fixes an argument or a file

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..detection.selection import POLICIES
+from ..detection.policies import POLICY_NAMES
 from .common import (
     SAFETY_WORLD,
     ModelArguments,
@@ -66,13 +66,15 @@ class DetectionArguments:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling and of the random policy."})
-    policy: str = field(default="global_topk", metadata={"help": "Selection policy.", "choices": list(POLICIES)})
+    policy: str = field(default="global_topk", metadata={"help": "Selection policy.", "choices": POLICY_NAMES})
     num_experts: float = field(
         default=0.125,
-        metadata={"help": "K: a fraction (< 1) of all routed experts (of E for per_layer_topk), or a count (>= 1)."},
+        metadata={"help": "K: a fraction (< 1) of all routed experts (of E for per_layer_topk), or a count (>= 1).",
+                  "aliases": ["--sce_num_experts"]},  # train's name of the flag
     )
     threshold: float = field(
-        default=0.0, metadata={"help": "Select only experts whose risk difference is above this (RD lies in [-1, 1])."}
+        default=0.0, metadata={"help": "Select only experts whose risk difference is above this (RD lies in [-1, 1]).",
+                               "aliases": ["--sce_threshold"]}  # train's name of the flag
     )
     top_p_experts: float = field(default=0.5, metadata={"help": "Cumulative RD share per layer (per_layer_top_p)."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the SafetyWorld pairs (--dataset_name safety_world)."})
@@ -96,7 +98,7 @@ def preflight(args: DetectionArguments, model_args: ModelArguments):
     check_values(args)
     torch_dtype(model_args.dtype)
     check_model(model_args.model_name_or_path)
-    check_judge(args.judge)
+    check_judge(args.judge, refusal_labels=args.judge_refusal_labels)
     if not args.dataset_name:
         raise UsageError("--dataset_name is required: the pairs to detect on (or 'safety_world')")
     check_output_dir(args.output_dir)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from .common import UsageError, check_at_least, parse
 from ..memory import PRESETS
+from ..memory.models import check_config_sizes
+from ..memory.plan import selection_value
 
 # Published config values (the models' config.json on the Hub), so plans need no download.
 
@@ -34,7 +36,8 @@ class MemoryArguments:
     )
     config_kwargs: str = field(default="{}", metadata={"help": "JSON dict of config values."})
     selection: float = field(
-        default=0.125, metadata={"help": "Selected experts: a count (>= 1) or a fraction of all routed experts (< 1)."}
+        default=0.125, metadata={"help": "Selected experts: a whole count (>= 1, e.g. 8) or a fraction of all routed "
+                                         "experts in (0, 1) (e.g. 0.125); 1.5 is neither and is refused."}
     )
     expert_tuning: str = field(default="delta", metadata={"help": "Expert repairs.", "choices": ["delta", "lora"]})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (expert_tuning lora)."})
@@ -64,6 +67,10 @@ def config_kwargs(text: str) -> dict:
         raise UsageError(f"--config_kwargs is not valid JSON ({err}); give a dict such as '{{\"num_experts\": 64}}'")
     if not isinstance(values, dict):
         raise UsageError(f"--config_kwargs must be a JSON dict, got {type(values).__name__}")
+    try:
+        check_config_sizes(values, "--config_kwargs")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return values
 
 
@@ -73,11 +80,17 @@ def build_config(model: str, kwargs: dict):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     lowered = {name.lower(): name for name in PRESETS}
-    if model.lower() in lowered:
-        model_type, values = PRESETS[lowered[model.lower()]]
-        return AutoConfig.for_model(model_type, **{**values, **kwargs})
-    if model in CONFIG_MAPPING:
-        return AutoConfig.for_model(model, **kwargs)
+    try:
+        if model.lower() in lowered:
+            model_type, values = PRESETS[lowered[model.lower()]]
+            check_config_sizes({**values, **kwargs}, f"--model {model} with --config_kwargs")
+            return AutoConfig.for_model(model_type, **{**values, **kwargs})
+        if model in CONFIG_MAPPING:
+            return AutoConfig.for_model(model, **kwargs)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except Exception as err:  # transformers' config classes validate values with their own error types
+        raise UsageError(f"--config_kwargs: {type(err).__name__}: {err}") from None
     if kwargs:
         raise UsageError("--config_kwargs applies to a preset or a model type, not to a path or model id")
     return model
@@ -88,17 +101,26 @@ def main(argv: list[str] | None = None):
     from ..memory import estimate_memory
 
     (args,) = parse((MemoryArguments,), argv, "rasa-trainer estimate-memory")
-    if not args.selection > 0:
-        raise UsageError(f"--selection {args.selection}: give a count >= 1 or a fraction in (0, 1)")
+    try:
+        selection = selection_value(args.selection, "--selection")
+    except ValueError as err:
+        raise UsageError(str(err).replace("--selection=", "--selection ")) from None
     for flag in ("batch_size", "seq_len", "num_processes", "lora_rank"):
         check_at_least(f"--{flag}", getattr(args, flag), 1)
-    selection = int(args.selection) if args.selection >= 1 else args.selection
-    estimate = estimate_memory(
-        build_config(args.model, config_kwargs(args.config_kwargs)), selection, expert_tuning=args.expert_tuning,
-        lora_rank=args.lora_rank, dtype=args.dtype, optimizer=args.optimizer, batch_size=args.batch_size,
-        seq_len=args.seq_len, tokens_in_dataset=args.tokens_in_dataset,
-        gradient_checkpointing=args.gradient_checkpointing, num_processes=args.num_processes,
-        replay_weights=args.replay_weights, schedule=args.schedule, device=args.device,
-    )
+    check_at_least("--tokens_in_dataset", args.tokens_in_dataset, 0)
+    config = build_config(args.model, config_kwargs(args.config_kwargs))
+    try:
+        estimate = estimate_memory(
+            config, selection, expert_tuning=args.expert_tuning,
+            lora_rank=args.lora_rank, dtype=args.dtype, optimizer=args.optimizer, batch_size=args.batch_size,
+            seq_len=args.seq_len, tokens_in_dataset=args.tokens_in_dataset,
+            gradient_checkpointing=args.gradient_checkpointing, num_processes=args.num_processes,
+            replay_weights=args.replay_weights, schedule=args.schedule, device=args.device,
+        )
+    except ValueError as err:  # a value the model cannot take, e.g. more experts than it has
+        raise UsageError(f"{err}".replace("selection_size=", "--selection ")) from None
+    except TypeError as err:  # a config value of the wrong type reaches the model's code
+        raise UsageError(f"the model could not be planned from its config values ({err}); check --config_kwargs or "
+                         "the config file") from None
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.format())
     return estimate

@@ -19,7 +19,7 @@ re-paired or modified.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "as_messages",
     "completion_text",
     "render_chat",
+    "retain_conflicts",
+    "validate_eval_sets",
     "validate_pairs",
 ]
 
@@ -40,6 +42,8 @@ OPTIONAL_STRING_COLUMNS = ("goal", "attack")
 ROLES = ("system", "user", "assistant")
 
 _MISSING = object()  # a key absent from a list-of-dicts row (distinct from an explicit None)
+_ROLE_HINTS = {"bot": "assistant", "model": "assistant", "ai": "assistant", "gpt": "assistant", "chatbot": "assistant",
+               "human": "user", "question": "user", "prompter": "user"}
 
 
 class DatasetContractError(ValueError):
@@ -50,12 +54,12 @@ class DatasetContractError(ValueError):
         total (`int`): how many problems were found in all.
     """
 
-    def __init__(self, errors: list[str], total: int):
+    def __init__(self, errors: list[str], total: int, subject: str = "The dataset breaks the RASA pair contract"):
         self.errors = list(errors)
         self.total = total
         shown = f"showing the first {len(errors)}" if total > len(errors) else "all shown"
         lines = "\n".join(f"  - {e}" for e in errors)
-        super().__init__(f"The dataset breaks the RASA pair contract: {total} error(s) ({shown}):\n{lines}")
+        super().__init__(f"{subject}: {total} error(s) ({shown}):\n{lines}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +179,123 @@ def validate_pairs(
     collector.raise_if_any()
 
 
+def validate_eval_sets(
+    eval_sets: Any,
+    set_names: Sequence[str] | None = None,
+    *,
+    where: str = "eval_sets",
+    allow_empty_sets: bool = False,
+    max_errors: int = 10,
+) -> None:
+    """Check evaluation sets row by row with the rules of the pair contract; raise one error listing the problems.
+
+    ``eval_sets`` is a dict ``{set name: [row, ...]}`` (what ``evaluate_safety`` and ``rasa-trainer evaluate
+    --eval_sets`` read). Every row must be a dict whose ``prompt`` is a valid context exactly as a training pair's
+    ``prompt`` (non-empty text, or ``{"role", "content"}`` messages with known roles in the contract's order). The
+    set-specific fields (``answer``, ``attack``, ``held_out``) are checked by ``evaluate_safety`` itself.
+
+    Args:
+        eval_sets: the sets.
+        set_names: the set names allowed (``None``: any name).
+        where: how the sets are named in the message (e.g. the file they came from).
+        allow_empty_sets: accept a set given as an empty list (it is skipped). By default an empty set is an error,
+            since a file that lists a set without rows almost always lost them. A dict without any row is an error
+            either way.
+        max_errors: how many problems the message lists (all are counted).
+
+    Raises:
+        DatasetContractError (a ``ValueError``): each problem reads ``set '<name>', row <i>, column 'prompt': <what is
+            wrong>; <how to fix it>``.
+    """
+    subject = f"{where}: rows break the evaluation-set contract"
+    allowed = f"; expected some of {list(set_names)}" if set_names is not None else ""
+    if not isinstance(eval_sets, Mapping):
+        raise DatasetContractError([f"expected a dict {{set name: [rows]}}, got {type(eval_sets).__name__}{allowed}"],
+                                   1, subject)
+    collector = _Collector(max_errors)
+    if set_names is not None:
+        for name in eval_sets:
+            if name not in set_names:
+                collector.add(f"set {name!r} is not an evaluation set{allowed} (a misspelt set would be skipped)")
+    total_rows = 0
+    for name, rows in eval_sets.items():
+        if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
+            collector.add(f"set {name!r}: expected a list of rows, got {type(rows).__name__}")
+            continue
+        total_rows += len(rows)
+        if not rows and not allow_empty_sets:
+            collector.add(f"set {name!r} has no rows; give its rows or remove the set")
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                collector.add(f"set {name!r}, row {i}: is a {type(row).__name__}, expected a dict with a 'prompt'")
+                continue
+            problem = _conversation_problem(row.get(PROMPT_COLUMN, _MISSING))
+            if problem:
+                collector.add(f"set {name!r}, row {i}, column 'prompt': {problem}")
+    if total_rows == 0 and not collector.total:
+        collector.add("no evaluation set has any row, so nothing would be evaluated; give at least one set with rows"
+                      + (f" ({', '.join(set_names)})" if set_names is not None else ""))
+    if collector.total:
+        raise DatasetContractError(collector.errors, collector.total, subject)
+
+
+def retain_conflicts(
+    retain: Any,
+    pairs: Any,
+    is_refusal: Callable[[str], bool],
+    anchor_column: str = "anchor_prompt",
+) -> list[str]:
+    """Retain rows that would teach the model to answer what the pairs teach it to refuse.
+
+    A retain row conflicts with the pairs when its ``prompt`` is (up to whitespace) the ``prompt`` or the anchor of a
+    pair, and its ``completion`` is not a refusal, or is missing (the base model's own reply would be generated and
+    kept, and the base model is the one that answers these prompts).
+
+    Args:
+        retain: retain rows (a ``datasets.Dataset`` or a list of dicts with ``prompt`` and optional ``completion``).
+        pairs: the training pairs.
+        is_refusal: ``is_refusal(text) -> bool`` (the trainer passes the keyword refusal judge's; the contract
+            itself judges nothing, so the data room stays below the judges).
+        anchor_column: the pairs' anchor column.
+
+    Returns:
+        One line per conflicting retain row, naming it and the pair row it repeats; empty when there is none. Rows that
+        break the contract are skipped (their own validation reports them).
+    """
+    seen: dict[tuple, tuple[int, str]] = {}
+    columns, _ = _columns(pairs)
+    for column in (PROMPT_COLUMN, anchor_column):
+        if column not in columns:
+            continue
+        for i, value in enumerate(_column_values(pairs, column)):
+            if _conversation_problem(value) is None:
+                seen.setdefault(_normalised(value), (i, column))
+    retain_columns, _ = _columns(retain)
+    if PROMPT_COLUMN not in retain_columns:
+        return []
+    prompts = _column_values(retain, PROMPT_COLUMN)
+    completions = (_column_values(retain, COMPLETION_COLUMN) if COMPLETION_COLUMN in retain_columns
+                   else [_MISSING] * len(prompts))
+    conflicts = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        if _conversation_problem(prompt) is not None:
+            continue
+        match = seen.get(_normalised(prompt))
+        if match is None:
+            continue
+        pair_row, column = match
+        if completion is _MISSING or completion is None:
+            conflicts.append(f"retain row {i} repeats pair row {pair_row}'s {column!r} and has no completion, so the "
+                             "base model's own reply (the one the pairs train away) would be kept; give it a refusal "
+                             "completion or drop the row")
+        elif _completion_problem(completion) is None and not is_refusal(completion_text(completion, None)):
+            text = completion_text(completion, None)
+            conflicts.append(f"retain row {i} repeats pair row {pair_row}'s {column!r} with a completion that is not a "
+                             f"refusal ({text[:60]!r}), so it would train the model to answer what the pair trains it "
+                             "to refuse; drop the row or make its completion a refusal")
+    return conflicts
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation internals
 
@@ -290,10 +411,16 @@ def _conversation_problem(value: Any) -> str | None:
 
 
 def _message_problem(message: Any, j: int) -> str | None:
-    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+    if not isinstance(message, Mapping):
         return f"message {j} is not a {{'role', 'content'}} dict: {message!r:.80}"
+    missing = [key for key in ("role", "content") if key not in message]
+    if missing:
+        return (f"message {j} has no {' and no '.join(repr(k) for k in missing)} (keys present: "
+                f"{sorted(map(str, message))}); every message is a {{'role', 'content'}} dict: {message!r:.80}")
     if message["role"] not in ROLES:
-        return f"message {j} has unknown role {message['role']!r}; allowed roles are {', '.join(ROLES)}"
+        hint = _ROLE_HINTS.get(str(message["role"]).strip().lower())
+        return (f"message {j} has unknown role {message['role']!r}; allowed roles are {', '.join(ROLES)}"
+                + (f" (write {hint!r} for this turn)" if hint else ""))
     problem = _text_problem(message["content"])
     return f"message {j} ({message['role']}): {problem}; give it text or remove the message" if problem else None
 

@@ -23,9 +23,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from ..data.contract import _conversation_problem
+from ..data.contract import _conversation_problem, validate_eval_sets
 from .evaluate import EVAL_SET_NAMES, _validated_sets
-from ..data.pairs import _as_table, _column, _columns_of, _require_columns
+from ..data.pairs import _as_table, _column, _columns_of, _require_columns, read_text
 from ..utils import atomic_write_json
 
 __all__ = [
@@ -228,9 +228,17 @@ def load_eval_sets(
     elif held_out_attacks:
         raise ValueError("held_out_attacks needs an attacks table")
     for name, rows in new.items():
-        merged[name] = merged.get(name, []) + rows
+        if rows or name == "attacks":  # an XSTest table may hold one label only: its other set is not an empty set
+            merged[name] = merged.get(name, []) + rows
+    validate_eval_sets(merged, EVAL_SET_NAMES, where=_sources(xstest, attacks, existing))
     _validated_sets(merged)  # the exact checks evaluate_safety runs, before any generation
     return merged
+
+
+def _sources(*tables: Any) -> str:
+    """How evaluation sets built from ``tables`` are named in errors: the files they came from."""
+    files = [str(t) for t in tables if isinstance(t, (str, os.PathLike))]
+    return f"the evaluation sets from {', '.join(files)}" if files else "the evaluation sets"
 
 
 def _existing_sets(existing: Mapping[str, Sequence[Mapping[str, Any]]] | PathLike | None) -> Mapping[str, Any]:
@@ -238,7 +246,7 @@ def _existing_sets(existing: Mapping[str, Sequence[Mapping[str, Any]]] | PathLik
         return {}
     if isinstance(existing, (str, os.PathLike)):
         try:
-            existing = json.loads(Path(existing).read_text(encoding="utf-8"))
+            existing = json.loads(read_text(existing))
         except json.JSONDecodeError as err:
             raise ValueError(f"{existing}: invalid JSON at line {err.lineno}: {err.msg}") from None
     if not isinstance(existing, Mapping):
@@ -251,7 +259,9 @@ def _existing_sets(existing: Mapping[str, Sequence[Mapping[str, Any]]] | PathLik
 
 
 def write_eval_sets(eval_sets: Mapping[str, Sequence[Mapping[str, Any]]], path: PathLike) -> Path:
-    """Check ``eval_sets`` as ``evaluate_safety`` does and write it as indented JSON to ``path`` atomically."""
+    """Check ``eval_sets`` (every row with the pair contract's rules, no empty set; then as ``evaluate_safety`` does)
+    and write it as indented JSON to ``path`` atomically."""
+    validate_eval_sets(eval_sets, EVAL_SET_NAMES)
     _validated_sets(eval_sets)
     atomic_write_json({name: list(rows) for name, rows in eval_sets.items()}, path)
     return Path(path)

@@ -39,8 +39,8 @@ Threat model: open weights, an attacker who controls routing at inference and st
 the base model's unsafe answers. A model made safe by routing alone (its unsafe experts intact, jailbreaks sent
 elsewhere) falls to it; one whose unsafe experts were repaired does not.
 
-Judges are always called through :func:`rasa_trainer.judges.builtin.run_judge`: a judge that fails raises
-:class:`~rasa_trainer.judges.builtin.JudgeError`, it is never counted as a refusal. Everything is deterministic.
+Judges are always called through :func:`rasa_trainer.judges.run_judge`: a judge that fails raises
+:class:`~rasa_trainer.judges.JudgeError`, it is never counted as a refusal. Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..data.contract import as_messages
+from ..data.contract import as_messages, validate_eval_sets
 from ..detection.generation import generate_replies
-from ..judges.builtin import Judge, RefusalKeywordJudge, run_judge
+from ..judges import Judge, RefusalKeywordJudge, run_judge
 from .routing_diagnostics import (
     RoutingShift,
     _check_same_moe_layout,
@@ -318,7 +318,7 @@ def evaluate_safety(
             "wrapped_benign": [...]}``, each optional (see the module docstring for the row fields;
             ``SafetyWorld.eval_sets()`` produces it). Unknown set names raise ``ValueError``; absent or empty sets are
             skipped and their metrics are ``None``.
-        judge: decides refusal for attacks and anchors; default :class:`~rasa_trainer.judges.builtin.RefusalKeywordJudge`.
+        judge: decides refusal for attacks and anchors; default :class:`~rasa_trainer.judges.RefusalKeywordJudge`.
         refusal_judge: decides refusal for the over-refusal and wrapped-benign sets; default ``RefusalKeywordJudge``.
         base_model: the model before alignment (same architecture). Enables the routing shift and the ASR under the
             base model's routing, both on the attacks.
@@ -506,6 +506,9 @@ def _validated_sets(eval_sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> dic
     if unknown:
         # a misspelt name would otherwise skip its metric silently
         raise ValueError(f"unknown evaluation sets {unknown}; expected some of {list(EVAL_SET_NAMES)}")
+    # the pair contract's rules for every prompt (roles, message shape, non-empty text): a malformed row would
+    # otherwise be generated for and counted as an attack success
+    validate_eval_sets(eval_sets, EVAL_SET_NAMES, allow_empty_sets=True)
     problems = []
     sets = {}
     for name in EVAL_SET_NAMES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .models import _model_or_preset
-from .plan import MemoryEstimate, estimate_memory
+from .plan import MemoryEstimate, estimate_memory, selection_value
 
 _OPTIMIZER_NAMES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_bnb_8bit": "adamw_8bit",
                     "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit"}
@@ -43,8 +43,7 @@ def estimate_memory_from_config(config, model=None, **overrides) -> MemoryEstima
     dtype = values.get("dtype") or values.get("torch_dtype")
     if dtype in (None, "auto"):
         dtype = "bfloat16" if values.get("bf16") else "float16" if values.get("fp16") else "float32"
-    selection = values.get("sce_num_experts", 0.125)
-    selection = int(selection) if float(selection) >= 1 else float(selection)
+    selection = selection_value(values.get("sce_num_experts", 0.125), "sce_num_experts")
     kwargs = dict(
         expert_tuning=values.get("expert_tuning", "delta"), lora_rank=int(values.get("expert_lora_rank", 8)),
         dtype=dtype, optimizer=_OPTIMIZER_NAMES[optim],

@@ -66,10 +66,48 @@ def _bad_config(path: str):
     raise ValueError(f"{path} has no 'model_type'; pass a transformers config.json")
 
 
+SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size", "moe_intermediate_size", "vocab_size", "num_experts", "n_routed_experts",
+               "num_local_experts", "num_experts_per_tok")
+"""Config values that are sizes: when present (and not None) each must be a whole number >= 1."""
+_EXPERT_COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts")
+
+
+def check_config_sizes(values, where: str = "the config") -> None:
+    """Refuse size values a model cannot have (a negative or zero layer count, a fractional expert count, more experts
+    per token than experts) with a message naming the value, before any model is built from them.
+
+    Args:
+        values: a ``transformers`` config or a dict of config values.
+        where: how the values are named in the message (e.g. ``"--config_kwargs"``).
+
+    Raises:
+        ValueError: naming every bad value.
+    """
+    if not isinstance(values, dict):
+        text = values.get_text_config() if hasattr(values, "get_text_config") else values
+        values = {name: getattr(text, name) for name in SIZE_FIELDS if hasattr(text, name)}
+    problems = []
+    for name in SIZE_FIELDS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() \
+                or value < 1:
+            problems.append(f"{name}={value!r} (a size: give a whole number >= 1)")
+    experts = next((values[n] for n in _EXPERT_COUNT_FIELDS if isinstance(values.get(n), int)), None)
+    top_k = values.get("num_experts_per_tok")
+    if not problems and isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
+        problems.append(f"num_experts_per_tok={top_k} is more than the {experts} experts of a layer")
+    if problems:
+        raise ValueError(f"{where}: impossible model values: {'; '.join(problems)}")
+
+
 def meta_model(config) -> torch.nn.Module:
     """The model of ``config`` on the meta device (shapes and parameter counts only, no memory)."""
     from transformers import AutoModelForCausalLM
 
+    check_config_sizes(config, f"the {type(config).__name__}")
     with torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(config)

@@ -214,12 +214,39 @@ def _dtype_bytes(dtype) -> int:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)} or a torch.dtype") from None
 
 
+def selection_value(value, name: str = "selection_size") -> int | float:
+    """A selection size as a user writes it (``0.125``, ``8``, ``8.0``, ``"0.125"``) as a count (``int`` >= 1) or a
+    fraction of all routed experts (``float`` in (0, 1)).
+
+    Raises:
+        ValueError: anything else, e.g. ``1.5`` (neither a whole count nor a fraction), 0, a negative number, NaN.
+    """
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: give a count of experts (e.g. 8) or a fraction of all routed experts "
+                             "(e.g. 0.125)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r}: give a count of experts (e.g. 8) or a fraction of all routed experts "
+                         "(e.g. 0.125)")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value}: give a count of experts (>= 1) or a fraction of all routed experts in (0, 1)")
+    if value < 1:
+        return float(value)
+    if not float(value).is_integer():
+        raise ValueError(f"{name}={value}: neither a whole count of experts nor a fraction in (0, 1); give e.g. "
+                         f"{math.floor(value)} or {math.ceil(value)} experts, or a fraction such as 0.125")
+    return int(value)
+
+
 def _selection_count(selection_size, total: int) -> int:
     if isinstance(selection_size, bool) or not isinstance(selection_size, (int, float)):
         raise TypeError(f"selection_size must be a count (int) or a fraction (float in (0, 1)), got {selection_size!r}")
     if isinstance(selection_size, float) and not selection_size.is_integer():
         if not 0 < selection_size < 1:
-            raise ValueError(f"selection_size={selection_size}: a fraction must lie in (0, 1)")
+            raise ValueError(f"selection_size={selection_size}: neither a whole count of experts nor a fraction in "
+                             "(0, 1); give a count (e.g. 8) or a fraction of all routed experts (e.g. 0.125)")
         return max(1, round(selection_size * total))
     count = int(selection_size)
     if not 1 <= count <= total:

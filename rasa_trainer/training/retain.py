@@ -1,5 +1,5 @@
-"""Retain data of the expert phase: benign prompt/completion rows mixed into expert-phase batches so that repairing the
-Safety-Critical Experts keeps the answers benign inputs routed through them already had.
+"""The retain data of the expert phase (:class:`RetainData`): benign prompt/completion rows mixed into expert-phase
+batches so that repairing the Safety-Critical Experts keeps the answers benign inputs routed through them already had.
 
 - **Rows.** TRL's prompt-completion shape: ``prompt`` (a string or chat messages ending with a user turn) and an
   optional ``completion`` (a string or one assistant message). Rows without a completion get the base model's own
@@ -9,9 +9,12 @@ Safety-Critical Experts keeps the answers benign inputs routed through them alre
   row ``perm_c[k mod M]`` of a permutation of the ``M`` retain rows drawn from the seed for cycle ``c = k // M``. The
   rows of a step follow from the seed and the step alone, so a resumed run sees exactly the rows of an uninterrupted
   one, and every retain row is used once per cycle.
-- **Trainer hooks.** :class:`RetainMixin` checks the rows at construction, completes the missing replies before
-  training, appends a micro-batch's retain rows in ``get_batch_samples`` and logs ``retain_loss`` apart from
+- **Loss.** The pairs' mean cross-entropy plus ``retain_loss_weight`` times the retain rows' mean, each over its own
+  tokens of the optimiser step (``losses.retain_weighted_cross_entropy``); ``retain_loss`` is logged apart from
   ``completion_loss``.
+- **In the trainer.** The rows are checked at construction (:func:`_validated_retain`), their lengths after it,
+  their missing replies are completed before training (:meth:`RetainData.prepare`), a micro-batch's retain rows are
+  appended in ``get_batch_samples`` (:meth:`RetainData.with_rows`) and the loss is built in ``compute_loss``.
 
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
@@ -25,10 +28,12 @@ import json
 import logging
 import math
 import random
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
+from torch import nn
 
 from .config import RASAConfig
 from ..data.contract import (
@@ -47,7 +52,11 @@ from ..data.contract import (
 )
 from ..detection.generation import generate_replies
 from ..moe.discovery import unwrap_model
+from .losses import part_token_means, retain_weighted_cross_entropy, token_losses
 from .training_data import _chat_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +162,27 @@ def _pad_to(t: torch.Tensor, width: int, value) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-def _validated_retain(retain_dataset, args: RASAConfig, compute_loss_func=None) -> list[dict] | None:
-    """The retain rows, checked (errors name row and column), or None when no retain data is used."""
+def _validated_retain(retain_dataset, args: RASAConfig, compute_loss_func=None,
+                      train_dataset=None) -> list[dict] | None:
+    """The retain rows, checked (errors name row and column), or None when no retain data is used.
+
+    Also refused: ``retain_ratio`` set away from its default without a ``retain_dataset`` (it would do nothing), and,
+    when ``train_dataset`` is given, retain rows that repeat a pair's prompt or anchor without a refusal (see
+    :func:`rasa_trainer.data.contract.retain_conflicts`): they would train the model to answer what the pairs train it
+    to refuse.
+    """
+    import dataclasses
+
+    from ..data.contract import retain_conflicts
+    from ..judges import RefusalKeywordJudge
+
     if retain_dataset is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(args)} if dataclasses.is_dataclass(args) else {}
+        default = defaults.get("retain_ratio", dataclasses.MISSING)
+        if args.retain_ratio and default is not dataclasses.MISSING and args.retain_ratio != default:
+            raise ValueError(f"retain_ratio={args.retain_ratio} is set but no retain_dataset is given, so it would do "
+                             "nothing; pass the retain rows (RASATrainer(retain_dataset=...), `rasa-trainer train "
+                             f"--retain_dataset`), or leave retain_ratio at its default ({default})")
         return None
     rows = retain_rows(retain_dataset)
     if args.retain_ratio == 0:
@@ -166,6 +193,14 @@ def _validated_retain(retain_dataset, args: RASAConfig, compute_loss_func=None) 
                        "only)", args.rasa_schedule)
         return None
     _check_loss_supports_retain(args, compute_loss_func)
+    if train_dataset is not None:
+        conflicts = retain_conflicts(rows, train_dataset, RefusalKeywordJudge().is_refusal,
+                                     anchor_column=getattr(args, "anchor_column", "anchor_prompt"))
+        if conflicts:
+            lines = "\n".join(f"  - {c}" for c in conflicts[:10])
+            more = " (showing the first 10)" if len(conflicts) > 10 else ""
+            raise ValueError(f"retain_dataset: {len(conflicts)} row(s) repeat a training pair's prompt without a "
+                             f"refusal{more}:\n{lines}")
     return rows
 
 
@@ -193,124 +228,161 @@ def _captured_outputs(model):
         handle.remove()
 
 
-class RetainMixin:
-    """RASATrainer's retain data: rows checked and completed before training, mixed into expert-phase batches, their
-    loss logged apart from the pairs'."""
+def expert_micro_batch(*, expert_epochs_before: int, epoch: int, global_step: int, steps_per_epoch: int,
+                       accumulation_steps: int, micro_step: int, num_processes: int = 1, process_index: int = 0) -> int:
+    """The index of a micro-batch in the run's stream of expert-phase micro-batches (one per process): from the expert
+    epochs before the current ``epoch``, the optimiser step in that epoch, the micro-batch of the accumulation and the
+    process. The stream is the same for a resumed run as for an uninterrupted one."""
+    step_in_epoch = global_step - epoch * steps_per_epoch
+    micro = (expert_epochs_before * steps_per_epoch + step_in_epoch) * accumulation_steps + micro_step
+    return micro * num_processes + process_index
 
-    def _check_retain_lengths(self) -> None:
+
+class RetainData:
+    """The retain rows of a run (``rows``: checked, ``completion`` None where it is to be generated), their tokenised
+    form (``examples``, after :meth:`prepare`), the rows each expert-phase micro-batch gets, and the split loss.
+
+    ``ratio``, ``loss_weight``, ``seed``: ``retain_ratio``, ``retain_loss_weight`` and the run's seed;
+    ``pairs_per_batch``: pairs per micro-batch (``per_device_train_batch_size``); ``loss_type``: TRL's (``nll`` or
+    ``dft``); ``max_length``: the truncation length; ``generation_batch_size`` / ``max_new_tokens``: of the generated
+    replies; ``collate`` / ``pad_token_id``: TRL's collator and the padding token the retain rows are appended with.
+    """
+
+    def __init__(self, rows: list[dict] | None, *, ratio: float, loss_weight: float, seed: int, pairs_per_batch: int,
+                 collate: Callable[[list[dict]], dict] | None = None, pad_token_id: int | None = None,
+                 loss_type: str = "nll", max_length: int | None = None, generation_batch_size: int = 8,
+                 max_new_tokens: int = 128):
+        self.rows = rows
+        self.ratio, self.loss_weight, self.seed = ratio, loss_weight, seed
+        self.pairs_per_batch, self.loss_type, self.max_length = pairs_per_batch, loss_type, max_length
+        self.collate, self.pad_token_id = collate, pad_token_id
+        self.generation_batch_size, self.max_new_tokens = generation_batch_size, max_new_tokens
+        self.examples: list[dict] | None = None  # tokenised at the start of train()
+        self.step_items: tuple = (None, None)  # completion tokens of the pairs / retain rows in the optimiser step
+
+    @property
+    def active(self) -> bool:
+        """Whether expert-phase batches get retain rows (the rows are prepared and there is at least one)."""
+        return bool(self.examples)
+
+    # ------------------------------------------------------------------------------------------ before training
+    def check_lengths(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Refuse retain rows whose completion (or, without one, whose prompt) would be cut by truncation."""
-        if self.args.max_length is None:
+        if self.max_length is None or self.rows is None:
             return
         too_long = []
-        for i, row in enumerate(self._retain):
-            messages = as_messages(row["prompt"])
-            if row["completion"] is not None:
-                n = len(_chat_ids(self._tokenizer, messages + [{"role": "assistant", "content": completion_text(
-                    row["completion"], None)}], generation_prompt=False))
-            else:
-                n = len(_chat_ids(self._tokenizer, messages, generation_prompt=True)) + 1
-            if n > self.args.max_length:
+        for i, row in enumerate(self.rows):
+            n = _row_length(tokenizer, row)
+            if n > self.max_length:
                 too_long.append(f"row {i} ({n} tokens)")
         if too_long:
             raise ValueError(
-                f"{len(too_long)} row(s) of retain_dataset exceed max_length={self.args.max_length} with their "
+                f"{len(too_long)} row(s) of retain_dataset exceed max_length={self.max_length} with their "
                 f"completion (or leave no room for a generated one), so truncation would cut the reply to keep: "
                 f"{', '.join(too_long[:5])}. Raise max_length or shorten those rows."
             )
 
-    def _prepare_retain(self) -> None:
-        """Generate the missing retain completions with the model as it is before training (greedy, batched, once)
-        and tokenise the retain rows as TRL tokenises the pairs."""
-        if self._retain is None or self._retain_examples is not None:
+    def prepare(self, tokenizer: PreTrainedTokenizerBase, tokenise: Callable[[Dataset], Dataset],
+                generation_model: Callable[[], nn.Module]) -> None:
+        """Generate the missing completions with the model as it is before training (greedy, batched, once;
+        ``generation_model`` returns it, ready to generate) and tokenise the rows with ``tokenise`` (TRL's own
+        tokenisation of the pairs). Done once."""
+        if self.rows is None or self.examples is not None:
             return
-        rows = self._retain
-        missing = [i for i, row in enumerate(rows) if row["completion"] is None]
+        rows = self.rows
         texts = {i: completion_text(row["completion"], None) for i, row in enumerate(rows) if row["completion"] is not None}
+        missing = [i for i, row in enumerate(rows) if row["completion"] is None]
         if missing:
-            if self.place_model_on_device and not getattr(self, "is_model_parallel", False):
-                self._move_model_to_device(self.model, self.args.device)
-            logger.info("RASA: generating the base model's replies to %d retain prompts", len(missing))
-            replies = generate_completions(
-                unwrap_model(self.model), self._tokenizer, [as_messages(rows[i]["prompt"]) for i in missing],
-                batch_size=self.args.retain_batch_size, max_new_tokens=self.args.retain_max_new_tokens)
-            empty = [i for i, reply in zip(missing, replies) if not reply.strip()]
-            if empty:
-                raise ValueError(
-                    f"the base model's reply to {len(empty)} retain prompt(s) is empty (rows {empty[:10]}), so there "
-                    f"is nothing to retain; give those rows a completion or drop them")
-            texts.update(zip(missing, replies))
+            texts.update(zip(missing, self._generated_replies(generation_model, tokenizer, missing)))
         dataset = Dataset.from_list([
             {"prompt": as_messages(row["prompt"]), "completion": [{"role": "assistant", "content": texts[i]}]}
             for i, row in enumerate(rows)
         ])
-        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, False, None, "retain")
+        prepared = tokenise(dataset)
         if len(prepared) != len(rows):
             raise ValueError(f"{len(rows) - len(prepared)} retain row(s) have no completion token left after "
                              f"tokenisation; check their completions and max_length")
-        self._retain_examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
+        self.examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
 
-    def _with_retain_rows(self, batch: dict, micro_step: int) -> dict:
-        """The expert-phase micro-batch with its retain rows appended. They follow from the seed and the position of
-        the micro-batch in the run's expert-phase pair stream (expert epochs so far, step in the epoch, micro-batch
-        of the accumulation, process), so a resumed run sees the same rows as an uninterrupted one."""
-        args = self.args
-        steps_per_epoch = max(1, self.state.max_steps // max(1, int(args.num_train_epochs)))
-        expert_epochs_before = sum(self.phase_of_epoch(e) == "expert" for e in range(self._phase_epoch))
-        step_in_epoch = self.state.global_step - self._phase_epoch * steps_per_epoch
-        micro = (expert_epochs_before * steps_per_epoch + step_in_epoch) * args.gradient_accumulation_steps + micro_step
-        micro = micro * self.accelerator.num_processes + self.accelerator.process_index
-        num_pairs = int(batch["input_ids"].shape[0])
-        rows = retain_slots(micro * args.per_device_train_batch_size, num_pairs, args.retain_ratio,
-                            len(self._retain_examples), args.seed)
+    def _generated_replies(self, generation_model: Callable[[], nn.Module], tokenizer: PreTrainedTokenizerBase,
+                           missing: list[int]) -> list[str]:
+        model = generation_model()
+        logger.info("RASA: generating the base model's replies to %d retain prompts", len(missing))
+        replies = generate_completions(
+            model, tokenizer, [as_messages(self.rows[i]["prompt"]) for i in missing],
+            batch_size=self.generation_batch_size, max_new_tokens=self.max_new_tokens)
+        empty = [i for i, reply in zip(missing, replies) if not reply.strip()]
+        if empty:
+            raise ValueError(
+                f"the base model's reply to {len(empty)} retain prompt(s) is empty (rows {empty[:10]}), so there "
+                f"is nothing to retain; give those rows a completion or drop them")
+        return replies
+
+    # ------------------------------------------------------------------------------------------ batches
+    def slots(self, micro_batch: int, num_pairs: int) -> list[int]:
+        """The retain rows of expert-phase micro-batch ``micro_batch`` (see :func:`expert_micro_batch`) of
+        ``num_pairs`` pairs."""
+        return retain_slots(micro_batch * self.pairs_per_batch, num_pairs, self.ratio, len(self.examples), self.seed)
+
+    def with_rows(self, batch: dict, micro_batch: int) -> dict:
+        """The expert-phase micro-batch ``micro_batch`` with its retain rows appended (unchanged without any)."""
+        rows = self.slots(micro_batch, int(batch["input_ids"].shape[0]))
         if not rows:
             return batch
-        extra = self.data_collator.base([dict(self._retain_examples[i]) for i in rows])
-        return append_rows(batch, extra, rows, self._tokenizer.pad_token_id)
+        extra = self.collate([dict(self.examples[i]) for i in rows])
+        return append_rows(batch, extra, rows, self.pad_token_id)
 
-    def _retain_items(self, batch_samples: list[dict], device) -> None:
-        """Completion tokens of the pairs and of the retain rows over the optimiser step, counted as Trainer counts
-        ``num_items_in_batch`` (every micro-batch, and every process when tokens are averaged across devices)."""
+    def count_step_items(self, batch_samples: list[dict], count: Callable[[list[dict]], object]) -> None:
+        """Completion tokens of the pairs and of the retain rows over the optimiser step, counted by ``count`` as
+        Trainer counts ``num_items_in_batch`` (every micro-batch, and every process when tokens are averaged across
+        devices)."""
         pairs, retain = [], []
         for batch in batch_samples:
             num_pairs = batch["input_ids"].shape[0] - len(batch.get("rasa_retain_index", ()))
             pairs.append({"labels": batch["labels"][:num_pairs]})
             retain.append({"labels": batch["labels"][num_pairs:]})
-        self._step_items = (self._get_num_items_in_batch(pairs, device), self._get_num_items_in_batch(retain, device))
+        self.step_items = (count(pairs), count(retain))
 
-    def _retain_weighted_loss(self, loss, captured: list, num_pairs: int, num_items_in_batch):
-        """The expert-phase loss of a run with retain rows: the pairs' mean cross-entropy over their completion tokens
-        plus ``retain_loss_weight`` times the retain rows' mean over theirs. Each mean is over its part's tokens of the
-        optimiser step (local tokens when Trainer counts none), so however many tokens the retain rows bring they
-        never dilute the refusal objective. Built from TRL's per-token log-probabilities, scaled as TRL scales its own
-        loss (see ``SFTTrainer.compute_loss``)."""
+    # ------------------------------------------------------------------------------------------ loss
+    def weighted_loss(self, loss: torch.Tensor | tuple, captured: list, num_pairs: int,
+                      num_items_in_batch: torch.Tensor | int | None, process_factor: int | None = None
+                      ) -> torch.Tensor | tuple:
+        """The expert-phase loss of a micro-batch with retain rows: the pairs' mean cross-entropy over their
+        completion tokens plus ``loss_weight`` times the retain rows' mean over theirs. Each mean is over its part's
+        tokens of the optimiser step (local tokens when Trainer counts none), so however many tokens the retain rows
+        bring they never dilute the refusal objective. Built from TRL's per-token log-probabilities of the forward in
+        ``captured``, scaled as TRL scales its own loss (``process_factor``; see ``SFTTrainer.compute_loss``)."""
         out = captured[0] if captured else None
         log_probs = getattr(out, "log_probs", None)
         if log_probs is None or (torch.is_grad_enabled() and not log_probs.requires_grad):
             raise RuntimeError("the retain-weighted loss needs TRL's per-token log-probabilities with gradients (its "
                                "default loss path); this forward gave none")
-        per_token = -log_probs
-        if self.args.loss_type == "dft":
-            per_token = per_token * log_probs.exp().detach()
+        per_token = token_losses(log_probs, self.loss_type)
         mask = out.label_mask
-        if num_items_in_batch is not None and self._step_items[0] is not None:
-            pair_items, retain_items = self._step_items
+        if num_items_in_batch is not None and self.step_items[0] is not None:
+            pair_items, retain_items = self.step_items
         else:
             pair_items, retain_items = mask[:num_pairs].sum(), mask[num_pairs:].sum()
-        clamp = lambda n: torch.as_tensor(n, device=per_token.device).clamp(min=1)  # noqa: E731 - as TRL: 0 tokens, 0 loss
-        weighted = (per_token[:num_pairs].sum() / clamp(pair_items)
-                    + self.args.retain_loss_weight * per_token[num_pairs:].sum() / clamp(retain_items))
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            weighted = weighted * (self.accelerator.num_processes // self.get_tp_size())
+        weighted = retain_weighted_cross_entropy(per_token, num_pairs, pair_items, retain_items, self.loss_weight)
+        if process_factor is not None:
+            weighted = weighted * process_factor
         return (weighted, *loss[1:]) if isinstance(loss, tuple) else weighted
 
-    def _log_split_losses(self, captured: list, num_pairs: int) -> None:
-        """``completion_loss`` (the pairs) and ``retain_loss`` (the retain rows): the mean cross-entropy over each
-        part's completion tokens in this micro-batch."""
+    @staticmethod
+    def log_split_losses(captured: list, num_pairs: int, metrics: MutableMapping[str, list]) -> None:
+        """``completion_loss`` (the pairs) and ``retain_loss`` (the retain rows) appended to ``metrics``: the mean
+        cross-entropy over each part's completion tokens in this micro-batch."""
         if not captured or getattr(captured[0], "log_probs", None) is None:
             return  # a forward that gives no per-token log-probabilities (e.g. a custom compute_loss_func)
         out = captured[0]
-        log_probs, mask = out.log_probs.detach(), out.label_mask.detach()
-        for key, part in (("completion_loss", slice(0, num_pairs)), ("retain_loss", slice(num_pairs, None))):
-            tokens = mask[part].sum()
-            if tokens > 0:
-                self._metrics["train"][key].append(float(-(log_probs[part] * mask[part]).sum() / tokens))
+        for key, value in part_token_means(out.log_probs.detach(), out.label_mask.detach(), num_pairs).items():
+            metrics[key].append(value)
+
+
+def _row_length(tokenizer: PreTrainedTokenizerBase, row: dict) -> int:
+    """Tokens of a retain row with its completion (or its prompt and at least one generated token)."""
+    messages = as_messages(row["prompt"])
+    if row["completion"] is not None:
+        return len(_chat_ids(tokenizer, messages + [{"role": "assistant", "content": completion_text(
+            row["completion"], None)}], generation_prompt=False))
+    return len(_chat_ids(tokenizer, messages, generation_prompt=True)) + 1

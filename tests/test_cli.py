@@ -180,7 +180,7 @@ def test_input_files_are_checked_and_named(tmp_path, no_model_loading):
 
 def test_resume_true_means_the_newest_complete_checkpoint(tmp_path, no_model_loading):
     from rasa_trainer.cli.train import resolve_resume
-    from rasa_trainer.training.saving import write_manifest
+    from rasa_trainer.training.checkpoints import write_manifest
 
     with pytest.raises(UsageError, match="--resume_from_checkpoint true: there is no complete checkpoint-\\* folder"):
         train("--output_dir", tmp_path, "--resume_from_checkpoint", "True")
@@ -366,7 +366,7 @@ def test_resume_uses_the_selection_saved_in_the_checkpoint(journey, tmp_path, no
     checkpoint = tmp_path / "checkpoint-12"
     checkpoint.mkdir()
     shutil.copy(work / "sce" / "safety_critical_experts.json", checkpoint)
-    from rasa_trainer.training.saving import write_manifest
+    from rasa_trainer.training.checkpoints import write_manifest
 
     write_manifest(str(checkpoint), {}, 12)  # a complete checkpoint (the selection is what matters here)
     argv = ["--model_name_or_path", str(work / "sw-bf16"), "--dataset_name", str(work / "pairs.jsonl"),

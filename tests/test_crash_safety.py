@@ -86,7 +86,7 @@ def test_reused_output_dir_of_another_run_is_refused(tmp_path, reference):
 
 
 def test_corrupt_checkpoint_files_are_named(tmp_path, reference):
-    from rasa_trainer.training.saving import checkpoint_problem
+    from rasa_trainer.training.checkpoints import checkpoint_problem
 
     checkpoint = tmp_path / "checkpoint-12"
     shutil.copytree(reference / "checkpoint-12", checkpoint)

@@ -25,7 +25,8 @@ import pytest
 
 from test_trainer import make_trainer
 from rasa_trainer.training import saving
-from rasa_trainer.training.saving import LOCK_FILE, OutputFolderError, hold_run_lock, write_manifest
+from rasa_trainer.training.output_folder import LOCK_FILE, OutputFolderError, hold_run_lock
+from rasa_trainer.training.checkpoints import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -131,7 +132,7 @@ def test_cli_refuses_a_link_in_the_model_folder_before_loading(tmp_path, secret)
 # ------------------------------------------------------------------------------------------------ one run per folder
 
 
-HOLDER = ("import sys, time\nfrom rasa_trainer.training.saving import hold_run_lock\n"
+HOLDER = ("import sys, time\nfrom rasa_trainer.training.output_folder import hold_run_lock\n"
           "lock = hold_run_lock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(600)\n")
 
 

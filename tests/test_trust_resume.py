@@ -176,7 +176,7 @@ def test_ignore_checkpoint_mismatch_resumes_with_a_warning(trained, caplog):
 def test_identity_is_unchanged_by_what_the_trainer_attaches():
     """Routers upcast to fp32 master weights and attached repairs leave the base model's identity as it was."""
     from rasa_trainer.repairs.layer import attach_repairs, upcast_routers
-    from rasa_trainer.training.saving import model_differences, model_identity
+    from rasa_trainer.training.run_identity import model_differences, model_identity
 
     tokenizer = tiny_chat_tokenizer()
     model = tiny_model("qwen3_moe", vocab_size=len(tokenizer)).to(torch.bfloat16)

@@ -156,7 +156,7 @@ def resolve_detection_judge(script_args: TrainScriptArguments, args, given: set[
 def resolve_resume(value: Any, output_dir: str) -> str | None:
     """``--resume_from_checkpoint``: true = the newest complete checkpoint-* in ``output_dir`` (incomplete ones, left
     by an interrupted save, are skipped with a log line), false/unset = none, else a folder that must exist."""
-    from ..training.saving import checkpoint_folders, checkpoint_problem
+    from ..training.checkpoints import checkpoint_folders, checkpoint_problem
 
     if value is None or value is False or str(value).strip().lower() in FALSE_WORDS:
         return None
@@ -183,7 +183,7 @@ def check_run_folder(args, resume: str | None) -> None:
     """One run per output folder, before anything is loaded: no other run holds ``--output_dir``; a new run does not
     land on another run's checkpoint-* folders (unless ``--overwrite_output_dir``); ``model/`` holds no symbolic link
     the save would write through."""
-    from ..training.saving import OutputFolderError, earlier_checkpoints, refuse_links, run_lock_holder
+    from ..training.output_folder import OutputFolderError, earlier_checkpoints, refuse_links, run_lock_holder
 
     holder = run_lock_holder(args.output_dir)
     if holder is not None:
@@ -202,7 +202,7 @@ def check_run_folder(args, resume: str | None) -> None:
 @contextlib.contextmanager
 def run_lock(output_dir: str, main_process: bool):
     """The main process holds ``output_dir``'s run lock for the whole command (the trainer inside joins it)."""
-    from ..training.saving import OutputFolderError, hold_run_lock
+    from ..training.output_folder import OutputFolderError, hold_run_lock
 
     if not main_process:
         yield
@@ -219,7 +219,8 @@ def check_resumed_run(resume: str | None, args, pairs, selection) -> None:
     """Resuming: the arguments that shape the result, the pairs and the selection must be those the checkpoint was
     trained with, before anything is loaded (the trainer checks the rest, and all of it again, before the first
     step; the world size it checks alone)."""
-    from ..training.saving import read_fingerprint, run_differences
+    from ..training.checkpoints import read_fingerprint
+    from ..training.run_identity import run_differences
 
     if resume is None or args.ignore_checkpoint_mismatch or "args" not in read_fingerprint(resume):
         return  # (a manifest without a run fingerprint was not written by a run: the trainer refuses it, naming it)
@@ -238,7 +239,7 @@ def check_resumed_model(resume: str | None, model, tokenizer, args) -> None:
     itself before the first step.)"""
     if resume is None or any(getattr(args, name, None) for name in ("chat_template_path", "eos_token", "pad_token")):
         return
-    from ..training.saving import checkpoint_model_differences
+    from ..training.run_identity import checkpoint_model_differences
 
     differences = checkpoint_model_differences(resume, model, tokenizer)
     if not differences:

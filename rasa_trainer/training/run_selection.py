@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .saving import SELECTION_FILE
+from .checkpoints import SELECTION_FILE
 from .schedule import uses_selection
 
 if TYPE_CHECKING:

@@ -144,7 +144,7 @@ def generation_routing(recorder, batch_size: int):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# MoE families new to rasa_trainer (tests/test_families.py): reported at the end of the run, not failed
+# MoE families new to rasa_trainer (tests/moe/test_families.py): reported at the end of the run, not failed
 # --------------------------------------------------------------------------------------------------------------------
 
 _NEW_FAMILY_OUTCOMES: dict[str, dict[str, str]] = {}

@@ -277,15 +277,18 @@ class EvalSuite:
 def load_eval_sets(name: str, flag: str = "--eval_sets", world_seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """SafetyWorld's evaluation sets (``name == "safety_world"``) or a JSON file of sets, validated."""
     from ..data.contract import validate_eval_sets
-    from ..evaluation.evaluate import EVAL_SET_NAMES, _validated_sets
+    from ..evaluation.evaluate import _validated_sets
 
     if name == SAFETY_WORLD:
         from ..safety_world import make_world
 
         return make_world(seed=world_seed).eval_sets()
     sets = read_json(name, flag)
+    try:  # every row by the pair contract's rules, and no empty set (set names are checked below)
+        validate_eval_sets(sets, where=f"{flag} {name}")
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
     try:
-        validate_eval_sets(sets, EVAL_SET_NAMES, where=f"{flag} {name}")  # every row, as `evaluate` checks them
         _validated_sets(sets)
     except (TypeError, ValueError) as err:
         raise UsageError(f"{flag} {name}: {err}") from err

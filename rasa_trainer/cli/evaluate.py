@@ -91,22 +91,8 @@ def preflight(args: EvaluationArguments, model_args: ModelArguments) -> tuple[di
     check_judge(args.judge, refusal_labels=args.judge_refusal_labels)
     output_dir = _output_dir(args, model_args)
     check_output_dir(output_dir)
-    sets = load_eval_sets(args.eval_sets, world_seed=args.world_seed)
-    if args.eval_sets != SAFETY_WORLD:
-        check_eval_rows(sets, f"--eval_sets {args.eval_sets}")
+    sets = load_eval_sets(args.eval_sets, world_seed=args.world_seed)  # every row checked (cli/common.py)
     return sets, output_dir
-
-
-def check_eval_rows(sets: dict, where: str) -> None:
-    """Every row of evaluation sets read from a file follows the pair contract's rules for a prompt, and no set is
-    empty (see :func:`rasa_trainer.data.contract.validate_eval_sets`); a :class:`UsageError` lists the problems."""
-    from ..data.contract import validate_eval_sets
-    from ..evaluation.evaluate import EVAL_SET_NAMES
-
-    try:
-        validate_eval_sets(sets, EVAL_SET_NAMES, where=where)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ experts (gate and up halves, activation), ``I`` otherwise; ``E`` experts; ``n`` 
 expert). They were read off the tensors autograd saves in the transformers 5 implementations (SDPA attention, the
 ``grouped_mm`` experts kernel, RMSNorms that keep fp32 copies of their inputs) and the repaired forward of
 :mod:`rasa_trainer.repairs.layer`, and are checked layer by layer against the tensors autograd really saves
-(``tests/test_memory.py``) and as totals against measured training runs (``benchmarks/bench_memory.py``):
+(``tests/memory/test_memory.py``) and as totals against measured training runs (``benchmarks/bench_memory.py``):
 
 - a decoder layer whose weights are frozen but whose input needs a gradient (expert and router phases): attention
   ``8H (two fp32 norm inputs) + 4(Q + K) (q/k norms, where the family has them) + b(2Q + K + Vd) + 4 heads + 4n``;

@@ -35,7 +35,7 @@ __all__ = [
     "unwrap_model",
 ]
 
-# Model types tests/test_families.py builds on tiny configs and puts through discovery, record, replay, an expert
+# Model types tests/moe/test_families.py builds on tiny configs and puts through discovery, record, replay, an expert
 # step and a router step (the README's table lists them with the families that are refused and why). The
 # long-established families come first; any other family whose routers follow the same convention works too.
 SUPPORTED_FAMILIES = (

@@ -269,7 +269,7 @@ def no_grad_working_set(experts: nn.Module, names: list[str], mode: str, num_sel
     per-slot outputs) and the weighted per-slot outputs (in the dtype of their product with the top-k weights, of
     ``weight_bytes`` each). Both compute the merged model: bit for bit in bf16 and on every kernel but the CPU
     ``grouped_mm`` in fp32, ~1e-6 apart there. The copy is taken below ``_COPY_FLOOR`` or when it needs less memory.
-    ``elt`` is the element size of the expert weights. Measured on the CPU allocator in ``tests/test_repairs.py``; the
+    ``elt`` is the element size of the expert weights. Measured on the CPU allocator in ``tests/repairs/test_repairs.py``; the
     memory plan uses the same figures."""
     product = max(elt, weight_bytes or elt)
     down = _full_shape(experts.down_proj)

@@ -1,4 +1,4 @@
-"""A small RASA run for the fault-injection tests (tests/test_crash_safety.py): two rounds on the tiny Qwen3-MoE,
+"""A small RASA run for the fault-injection tests (tests/training/test_crash_safety.py): two rounds on the tiny Qwen3-MoE,
 a checkpoint every two steps; writes the final trainable parameters and merged weights to ``final.safetensors``.
 
     python tests/jobs/checkpoint_job.py OUTPUT_DIR [--resume] [--save_total_limit N] [--rounds R]
@@ -13,6 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))  # test helpers
 from conftest import tiny_model  # noqa: E402
 from fault_injection import POINTS, install  # noqa: E402
 from test_trainer import make_selection  # noqa: E402

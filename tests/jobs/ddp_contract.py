@@ -1,4 +1,4 @@
-"""A two-process job for tests/test_distributed.py (torchrun on CPU, gloo): the Trainer-contract checks that need
+"""A two-process job for tests/training/test_distributed.py (torchrun on CPU, gloo): the Trainer-contract checks that need
 several processes.
 
 1. The per-pair router loss over 8 pairs as 2 processes x batch 4: one SGD step (lr 1, no clipping); the logged loss
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))  # test helpers
 from test_retain import retain_step  # noqa: E402
 from test_trainer_contract import per_pair_step  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""A two-process RASA job for tests/test_distributed.py (run with torchrun or accelerate launch on CPU, gloo).
+"""A two-process RASA job for tests/training/test_distributed.py (run with torchrun or accelerate launch on CPU, gloo).
 
 Detection shards the pairs across ranks; training alternates one expert and one router epoch. Rank 0 writes a JSON
 report: the selection each rank holds, whether all parameters are identical on every rank after every epoch, and

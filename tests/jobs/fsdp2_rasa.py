@@ -1,8 +1,8 @@
 """RASA's pieces under torch FSDP2 (``fully_shard``) on CPU with gloo, against the same steps without FSDP.
 
-Run by tests/test_fsdp2.py with ``torchrun --nproc_per_node 2 tests/jobs/fsdp2_rasa.py OUT_DIR [delta|lora]
+Run by tests/training/test_fsdp2.py with ``torchrun --nproc_per_node 2 tests/jobs/fsdp2_rasa.py OUT_DIR [delta|lora]
 [fsdp2|zero3]`` (``zero3``: DeepSpeed ZeRO-3 instead of FSDP2, with ``DS_ACCELERATOR=cpu``; it does not pass yet, see
-tests/test_fsdp2.py).
+tests/training/test_fsdp2.py).
 
 The Trainer cannot run FSDP on the CPU (accelerate falls back to DDP there), so this job drives the pieces the
 Trainer uses directly, in the order it uses them:

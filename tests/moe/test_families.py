@@ -17,7 +17,7 @@ Two kinds of family go through the same tests:
   ``xfail`` with the error (refused until classified), or ``skip`` when its tiny config cannot be built here. The
   terminal summary lists them under "MoE families new to rasa_trainer" (``tests/conftest.py``).
 
-``python tests/test_families.py`` prints the README's table of supported families.
+``python tests/moe/test_families.py`` prints the README's table of supported families.
 """
 
 from __future__ import annotations
@@ -575,8 +575,8 @@ def supported_families_table() -> str:
 
 
 def test_readme_lists_the_families_tested_here():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert supported_families_table() in readme, "README is stale: paste `python tests/test_families.py` into it"
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert supported_families_table() in readme, "README is stale: paste `python tests/moe/test_families.py` into it"
 
 
 if __name__ == "__main__":

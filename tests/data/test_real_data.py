@@ -27,7 +27,7 @@ from rasa_trainer.data.pairs import (
     write_pairs_jsonl,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PYRIT = FIXTURES / "pyrit_templates"
 WILDJAILBREAK_TSV = FIXTURES / "wildjailbreak" / "train.tsv"
 HARMBENCH_CSV = FIXTURES / "harmbench" / "harmbench_behaviors_text_all.csv"

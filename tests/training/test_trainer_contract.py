@@ -22,7 +22,7 @@ from rasa_trainer.moe.replay_cache import RoutingCache
 from rasa_trainer.training.phases import check_selected_experts_reached
 from rasa_trainer.detection.selection import SafetyCriticalExperts, SelectedExpert
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = dict(output_dir="/tmp/rasa-contract", use_cpu=True, bf16=False, report_to="none")
 
 

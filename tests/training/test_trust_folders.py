@@ -28,7 +28,7 @@ from rasa_trainer.training import saving
 from rasa_trainer.training.output_folder import LOCK_FILE, OutputFolderError, hold_run_lock
 from rasa_trainer.training.checkpoints import write_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY-----\nnot really\n"
 

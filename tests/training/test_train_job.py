@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ("safety_critical_experts.json", "expert_stats.csv", "risk_difference.png", "results.json",
              "phase_losses.png", "asr_per_family.png")
 MODEL_FILES = ("config.json", "model.safetensors", "README.md")

@@ -24,7 +24,7 @@ from conftest import tiny_model
 from test_trainer import make_args, make_selection
 from tiny_chat import tiny_chat_tokenizer, tiny_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 CONFIG = ROOT / "rasa_trainer" / "configs" / "safety_world.yaml"
 

@@ -330,7 +330,7 @@ def test_allocator_slack_and_device_context():
 # Plans of the shipped configs
 # ---------------------------------------------------------------------------------------------------------------
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "configs")
 
 
 def test_qwen3_30b_one_gpu_config_fits_80_gib():

@@ -28,7 +28,7 @@ from rasa_trainer.cli import SUBCOMMANDS, UsageError
 from rasa_trainer.cli import main as cli_main
 from rasa_trainer.cli.common import torch_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # one thread: the tiny tensors make a second thread pure synchronisation overhead (much slower on a busy machine)
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 600

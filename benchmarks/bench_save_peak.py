@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from rasa_trainer.memory.measure import cpu_allocated_peak as allocated_peak
 from rasa_trainer.moe.discovery import moe_layers
 from rasa_trainer.repairs.layer import attach_repairs, merged_for_saving, merged_state_dict, repair_modules
 
@@ -35,17 +35,6 @@ def olmoe_1b_7b_layers(layers: int):
     )
     with torch.device("cpu"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-
-
-def allocated_peak(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    level = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        level += nbytes
-        peak = max(peak, level)
-    return peak
 
 
 def main() -> None:

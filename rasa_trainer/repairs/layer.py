@@ -472,20 +472,25 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
     """
     base = unwrap_model(model)
     state = dict(state if state is not None else base.state_dict())
+    for key, selected, delta in _repaired_tensors(base, state):
+        merged = state[key].clone()
+        merged[selected] = _merge_slices(merged[selected], delta)
+        state[key] = merged
+    return {k: v for k, v in state.items() if ".rasa_repairs." not in k}
+
+
+def _repaired_tensors(base: nn.Module, state: dict[str, torch.Tensor]):
+    """``(state key of a fused expert tensor, selected experts, their repair delta)`` for every active repair that
+    changes a tensor (merged repairs are in the weights already; LoRA leaves biases alone)."""
     for layer, repairs in repair_modules(base):
         if repairs.merged:
-            continue  # already in the fused weights
+            continue
         prefix = f"{layer.experts_name}.rasa_repairs."
         selected = state[f"{prefix}selected"].long()
         for name in repairs.names:
             delta = _delta_from_state(state, prefix, name, repairs)
-            if delta is None:
-                continue
-            key = f"{layer.experts_name}.{name}"
-            merged = state[key].clone()
-            merged[selected] = _merge_slices(merged[selected], delta)
-            state[key] = merged
-    return {k: v for k, v in state.items() if ".rasa_repairs." not in k}
+            if delta is not None:
+                yield f"{layer.experts_name}.{name}", selected, delta
 
 
 @contextlib.contextmanager
@@ -506,21 +511,13 @@ def merged_for_saving(model: nn.Module, state: dict[str, torch.Tensor] | None = 
     state = dict(state if state is not None else base.state_dict())
     originals: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, selected, original slices)
     try:
-        for layer, repairs in repair_modules(base):
-            if repairs.merged:
-                continue  # already in the fused weights
-            prefix = f"{layer.experts_name}.rasa_repairs."
-            selected = state[f"{prefix}selected"].long()
-            for name in repairs.names:
-                delta = _delta_from_state(state, prefix, name, repairs)
-                if delta is None:
-                    continue
-                fused = state[f"{layer.experts_name}.{name}"]
-                selected_here = selected.to(fused.device)
-                slices = fused[selected_here]  # a copy (advanced indexing): the original slices
-                originals.append((fused, selected_here, slices.to("cpu")))
-                fused[selected_here] = _merge_slices(slices, delta)
-                del slices
+        for key, selected, delta in _repaired_tensors(base, state):
+            fused = state[key]
+            selected_here = selected.to(fused.device)
+            slices = fused[selected_here]  # a copy (advanced indexing): the original slices
+            originals.append((fused, selected_here, slices.to("cpu")))
+            fused[selected_here] = _merge_slices(slices, delta)
+            del slices
         yield {k: v for k, v in state.items() if ".rasa_repairs." not in k}
     finally:
         for fused, selected_here, slices in reversed(originals):

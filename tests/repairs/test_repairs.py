@@ -9,6 +9,7 @@ import torch
 from conftest import FAMILIES, batch, tiny_model
 import rasa_trainer.repairs.layer as repairs_module
 from rasa_trainer.repairs.adapter import load_rasa_adapter, save_peft_adapter
+from rasa_trainer.memory.measure import cpu_allocated_peak
 from rasa_trainer.moe.discovery import moe_layers
 from rasa_trainer.repairs.layer import (
     attach_repairs,
@@ -114,18 +115,7 @@ def test_no_grad_per_slot_path_computes_the_merged_checkpoint(family, monkeypatc
                     torch.testing.assert_close(got, _logits(merged, inputs), rtol=0, atol=1e-5)
 
 
-def _allocated_peak(fn) -> int:
-    """Peak bytes the CPU allocator holds above its level at the start of ``fn`` (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    level = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        level += nbytes
-        peak = max(peak, level)
-    return peak
+_allocated_peak = cpu_allocated_peak  # what the CPU allocator really holds during a call
 
 
 @pytest.mark.parametrize("kernel", ["grouped_mm", "eager"])

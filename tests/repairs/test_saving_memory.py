@@ -9,7 +9,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from rasa_trainer.moe.discovery import moe_layers
 from rasa_trainer.repairs.layer import attach_repairs, merged_for_saving, merged_state_dict, repair_modules
-from test_repairs import _allocated_peak
+from rasa_trainer.memory.measure import cpu_allocated_peak as _allocated_peak
 
 
 def _repaired(family: str, mode: str = "delta", num_layers: int | None = None):

@@ -311,8 +311,14 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             return self.retain.weighted_loss(loss, captured, len(rows), num_items_in_batch,
                                              self._process_factor(num_items_in_batch))
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        value = loss[0] if isinstance(loss, tuple) else loss
-        metrics["completion_loss"].append(value.detach().item())
+        value = (loss[0] if isinstance(loss, tuple) else loss).detach().item()
+        # a loss normalised by the optimiser step's tokens is a micro-batch's share of the step's mean: logged as that
+        # mean (as Trainer's own `loss` is), not divided by the accumulation steps and scaled by the processes
+        if not self._loss_scaled_for_accumulation(num_items_in_batch):
+            value /= self._process_factor(num_items_in_batch) or 1
+        else:
+            value *= getattr(self, "current_gradient_accumulation_steps", 1) / (self._process_factor(num_items_in_batch) or 1)
+        metrics["completion_loss"].append(value)
         return loss
 
     def _process_factor(self, num_items_in_batch) -> int | None:

@@ -388,3 +388,15 @@ def test_caches_keep_weights_only_when_replayed(tmp_path):
     assert recompute.routing.cache.weights is None
     assert recompute.routing.cache.nbytes_per_token() == 2 * 2 * 2  # 2 MoE layers x top-2 x int16
     assert any(h.get("completion_loss", 9) < cached.state.log_history[0]["completion_loss"] for h in recompute.state.log_history)
+
+
+def test_completion_loss_is_the_step_mean_under_gradient_accumulation(tmp_path):
+    """``completion_loss`` is logged as the optimiser step's mean cross-entropy, as Trainer logs ``loss``: with 3
+    accumulation steps it used to be a third of it (each micro-batch's share of the step's token-normalised mean)."""
+    trainer = make_trainer(tmp_path, rasa_schedule="expert_only", gradient_accumulation_steps=3,
+                           per_device_train_batch_size=2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "completion_loss" in h]
+    assert logs
+    for h in logs:
+        assert h["completion_loss"] == pytest.approx(h["loss"], rel=1e-4)

@@ -26,6 +26,13 @@ Conversation = list[dict[str, Any]]
 
 
 def _check_same_moe_layout(model: nn.Module, base_model: nn.Module) -> None:
+    """The base model must be this model before alignment: the same family and the same MoE layers. Another family
+    of equal shapes would compare expert numbers that name different experts."""
+    family = lambda m: getattr(getattr(m, "config", None), "model_type", None)  # noqa: E731
+    if family(model) != family(base_model):
+        raise ValueError(f"base_model is a {family(base_model)!r} model but the model is {family(model)!r}: the "
+                         "routing comparison needs the same model before alignment (expert numbers of another family "
+                         "name other experts); pass the checkpoint the aligned model was trained from")
     layout = lambda m: [(layer.num_experts, layer.top_k) for layer in moe_layers(m)]  # noqa: E731
     mine, base = layout(model), layout(base_model)
     if mine != base:
@@ -207,13 +214,20 @@ def generate_with_base_routing(
             *which* experts run is the base model's, and the comparison isolates the routing shortcut from the model's
             learned weighting. ``"cached"``: the base model's top-k weights are used too.
 
-    Yields :class:`~rasa_trainer.detection.generation.GenerationBatch` objects (no routing attached).
+    Yields :class:`~rasa_trainer.detection.generation.GenerationBatch` objects (no routing attached). The arguments
+    are checked at the call, before the first batch is asked for.
     """
     _check_same_moe_layout(model, base_model)
     _check_weight_mode(weights)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     conversations = [as_messages(c) for c in conversations]
+    return _batches_with_base_routing(model, base_model, tokenizer, conversations, batch_size, max_new_tokens,
+                                      weights, progress)
+
+
+def _batches_with_base_routing(model, base_model, tokenizer, conversations, batch_size, max_new_tokens, weights,
+                               progress) -> Iterator[GenerationBatch]:
     eos = _eos_ids(model, tokenizer)
     starts = range(0, len(conversations), batch_size)
     for start in tqdm(starts, desc="forced routing", disable=not progress, unit="batch"):

@@ -459,7 +459,19 @@ def _checked_args(model, args: RASAConfig | None, train_dataset, eval_dataset, p
     validate_pairs(train_dataset, anchor_column=args.anchor_column)
     if eval_dataset is not None:
         validate_pairs(eval_dataset, anchor_column=args.anchor_column)
+    _check_a_batch_remains(args, len(train_dataset))
     return args
+
+
+def _check_a_batch_remains(args: RASAConfig, num_pairs: int) -> None:
+    """With ``dataloader_drop_last`` a data set smaller than one batch over all processes leaves no step at all
+    (Trainer then fails on ``max_steps``, naming neither the data nor the batch)."""
+    batch = args.per_device_train_batch_size * max(1, args.world_size)
+    if args.dataloader_drop_last and num_pairs < batch:
+        raise ValueError(f"dataloader_drop_last=True drops every batch: {num_pairs} training pairs are fewer than one "
+                         f"batch of {batch} ({args.per_device_train_batch_size} per device x {args.world_size} "
+                         "processes), so no step would run; lower per_device_train_batch_size, add pairs, or set "
+                         "dataloader_drop_last=False")
 
 
 def _reject_peft_model(model, args: RASAConfig) -> None:

@@ -370,3 +370,18 @@ def test_exact_match():
     assert not exact_match("The answer is Paris", "Paris")
     assert not exact_match("", "Paris")
     assert not exact_match("I cannot help with that", "Paris")
+
+
+def test_routing_diagnostics_refuse_a_base_model_of_another_family():
+    """A base model of another family with the same MoE shapes (8 experts, top-2 here) used to be accepted: its expert
+    numbers name other experts, so the shift and the forced generation compared nothing real."""
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
+    other = tiny_model("olmoe", vocab_size=len(tokenizer))
+    assert [(l.num_experts, l.top_k) for l in moe_layers(model)] == [(l.num_experts, l.top_k) for l in moe_layers(other)]
+    conversations = [pair["prompt"] for pair in tiny_pairs()[:2]]
+    for check in (lambda: routing_shift(model, other, tokenizer, conversations, progress=False),
+                  lambda: generate_with_base_routing(model, other, tokenizer, conversations, max_new_tokens=2,
+                                                     progress=False)):
+        with pytest.raises(ValueError, match=r"base_model is a 'olmoe' model but the model is 'qwen3_moe'"):
+            check()

@@ -400,3 +400,11 @@ def test_completion_loss_is_the_step_mean_under_gradient_accumulation(tmp_path):
     assert logs
     for h in logs:
         assert h["completion_loss"] == pytest.approx(h["loss"], rel=1e-4)
+
+
+def test_drop_last_with_a_batch_larger_than_the_data_is_refused_at_construction(tmp_path):
+    """Trainer would fail later on ``max_steps`` without naming the cause; the message names the pairs and the batch."""
+    with pytest.raises(ValueError, match=r"dataloader_drop_last=True drops every batch: \d+ training pairs are fewer "
+                                         r"than one batch of 64"):
+        make_trainer(tmp_path, per_device_train_batch_size=64, dataloader_drop_last=True)
+    make_trainer(tmp_path, per_device_train_batch_size=64)  # without drop_last the last, partial batch runs

@@ -377,7 +377,7 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         try:
             rates = [float(r) for r in self.lr_scheduler.get_last_lr()]
             names = [g.get("name") for g in self.optimizer.param_groups]
-        except Exception:  # schedulers without per-group rates (DeepSpeed warm-up): keep Trainer's value
+        except (AttributeError, TypeError, NotImplementedError):  # schedulers without per-group rates: Trainer's value
             return value
         if len(rates) != len(names):
             return value

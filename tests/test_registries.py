@@ -197,7 +197,7 @@ def test_an_unknown_judge_lists_the_registered_ones_without_a_hub_lookup(judge_r
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", no_hub)
     for check in (check_judge_name, judge_from_name):
         with pytest.raises(ValueError, match=r"unknown judge 'keywrod' \(did you mean 'keyword'\?\): the registered "
-                                             r"judges are 'keyword', 'safety_world', 'always_refuses'; .*local "
+                                             r"judges are 'keyword', 'safety_world', 'openai', 'always_refuses'; .*local "
                                              r"checkpoint folder"):
             check("keywrod")
         with pytest.raises(ValueError, match=r"unknown judge './guard'.*: no such folder"):

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Judge", "JudgeError", "Prompt", "run_judge"]
+__all__ = ["Judge", "JudgeError", "Prompt", "describe_judge", "run_judge"]
 
 Prompt = str | Sequence[Mapping[str, Any]]  # a context: a string or chat messages, as in the dataset contract
 
@@ -71,3 +71,20 @@ def run_judge(judge: Judge, prompts: Sequence[Prompt], replies: Sequence[str]) -
             raise JudgeError(f"judge {name!r} returned {verdict!r} ({type(verdict).__name__}) for row {i}; "
                              "expected a bool (True = refused)")
     return [bool(v) for v in verdicts]
+
+
+def describe_judge(judge: Judge) -> dict[str, Any]:
+    """The judge's identity for results.json and model cards: its `describe()` when it has one (name, kind, format
+    and format version, model, endpoint; never a secret), else its name and class.
+
+    Returns:
+        a JSON-plain dict with at least `name` and `kind`.
+    """
+    describe = getattr(judge, "describe", None)
+    if callable(describe):
+        info = dict(describe())
+    else:
+        info = {"name": str(getattr(judge, "name", type(judge).__name__)), "kind": type(judge).__name__}
+    info.setdefault("name", str(getattr(judge, "name", type(judge).__name__)))
+    info.setdefault("kind", type(judge).__name__)
+    return info

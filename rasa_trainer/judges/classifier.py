@@ -98,6 +98,7 @@ class ClassifierJudge:
 
         check_positive(batch_size=batch_size, max_length=max_length)
         self.name = f"classifier:{model_name_or_path}"
+        self.model_name_or_path, self.revision = str(model_name_or_path), revision
         local = read_checkpoint(model_name_or_path) if revision is None else None
         if local is not None:  # wrong labels fail before the model loads
             refusal_label_ids(self.name, refusal_labels, local.labels)
@@ -110,6 +111,12 @@ class ClassifierJudge:
         self.model.to(self.device).eval()
         ensure_pad_token(self.tokenizer, self.model)
         self.refusal_ids = refusal_label_ids(self.name, refusal_labels, self.model.config.id2label)
+
+    def describe(self) -> dict[str, Any]:
+        """The judge's identity for results: name, kind, model, revision."""
+        return {"name": self.name, "kind": "classifier", "model": self.model_name_or_path, "revision": self.revision,
+                "model_type": getattr(self.model.config, "model_type", None),
+                "refusal_labels": sorted(self.model.config.id2label[i] for i in self.refusal_ids)}
 
     def __call__(self, prompts: list[Prompt], replies: list[str]) -> list[bool]:
         if len(prompts) != len(replies):

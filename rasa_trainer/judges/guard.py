@@ -80,6 +80,7 @@ class GuardModelJudge:
         check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
         self.safe, self.unsafe = verdict_words(safe_token, unsafe_token)
         self.name = f"guard:{model_name_or_path}"
+        self.model_name_or_path, self.revision = str(model_name_or_path), revision
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.device = resolve_device(device)
         load = dict(revision=revision, trust_remote_code=trust_remote_code)
@@ -91,6 +92,11 @@ class GuardModelJudge:
         self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, **load)
         self.model.to(self.device).eval()
         ensure_pad_token(self.tokenizer, self.model)
+
+    def describe(self) -> dict[str, Any]:
+        """The judge's identity for results: name, kind, model, revision."""
+        return {"name": self.name, "kind": "guard", "model": self.model_name_or_path, "revision": self.revision,
+                "model_type": getattr(self.model.config, "model_type", None), "verdict_words": [self.safe, self.unsafe]}
 
     def __call__(self, prompts: list[Prompt], replies: list[str]) -> list[bool]:
         if len(prompts) != len(replies):

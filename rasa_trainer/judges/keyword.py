@@ -89,3 +89,12 @@ class RefusalKeywordJudge:
         if len(prompts) != len(replies):
             raise JudgeError(f"got {len(prompts)} prompts but {len(replies)} replies")
         return [self.is_refusal(r) for r in replies]
+
+    def describe(self) -> dict:
+        """The judge's identity for results: its name and a hash of its phrase and prefix lists."""
+        import hashlib
+        import json
+
+        lists = json.dumps([self.phrases, self.prefixes], ensure_ascii=False).encode("utf-8")
+        return {"name": self.name, "kind": "keyword", "format": "keyword",
+                "format_version": f"keyword/{hashlib.sha256(lists).hexdigest()[:12]}"}

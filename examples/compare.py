@@ -12,15 +12,23 @@ Methods (columns):
 - ``full SFT (lr X)``: plain SFT of every parameter (``rasa_schedule=full``), one column per ``--full_learning_rates``.
 - ``expert only``: the expert phase alone on the detected Safety-Critical Experts (``expert_only``).
 - ``router only``: the router phase alone (``router_only``).
+- ``expert phases only``: RASA's expert phases without its router phases: ``rasa_rounds`` epochs of the expert phase
+  (``expert_only``) on the detected experts, routers frozen throughout. RASA trains the same experts for the same
+  number of expert epochs, so the difference between the two columns is the router phases' own effect.
 - ``random experts``: RASA (``alternate``, both phases) on K experts drawn at random (the ``random`` selection policy,
   seeded with the run's seed) instead of the detected ones; the same K.
 - ``steering``: no training; the detected experts are deactivated at inference by masking their router scores
   (:func:`rasa_trainer.evaluation.steering.steer_away`, SteerMoE style).
 - ``RASA``: both phases alternating on the detected experts (``alternate``).
+- ``RASA + <family> <rate>`` (``--methods rasa_augmented``): RASA with routing-robust repair
+  (``routing_augmentation=<family>``, ``routing_augmentation_rate=<rate>``: a share of the expert phase's pair rows
+  trains under the routing attack's routing; see ``docs/protocols/routing_augmentation.md``), one column per
+  ``--augmentation_rates``.
 
 The budget is the same for every trained method: ``2 * rasa_rounds`` epochs over the same training pairs (RASA and
 random experts: ``rasa_rounds`` expert + ``rasa_rounds`` router epochs; the single-phase schedules: ``2 * rasa_rounds``
-epochs of their phase), the same batch size, the same K selected experts. Learning rates and the other RASA settings
+epochs of their phase; ``expert phases only`` is the exception, on purpose: RASA's ``rasa_rounds`` expert epochs
+and nothing else), the same batch size, the same K selected experts. Learning rates and the other RASA settings
 come from ``--config`` (the demo's ``examples/configs/safety_world.yaml``), full SFT's from ``--full_learning_rates``.
 
 Seeds: for every evaluation world seed (``--world_seeds``, default 0 3 4; seeds 1 and 2 are the validation worlds the
@@ -63,7 +71,7 @@ from rasa_trainer.evaluation.steering import steer_away
 from rasa_trainer.utils import atomic_write, atomic_write_json
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "safety_world.yaml")
-METHODS = ("full", "expert_only", "router_only", "random_experts", "steering", "rasa")
+METHODS = ("full", "expert_only", "expert_phases", "router_only", "random_experts", "steering", "rasa", "rasa_augmented")
 VARIANTS = ("shared", "routing_decides")
 EVALUATION_WORLDS = (0, 3, 4)
 """World seeds of the tables; 1 and 2 are the validation worlds."""
@@ -94,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--full_learning_rates", type=float, nargs="+", default=[1e-4, 3e-4],
                    help="learning rates of the full-SFT baseline, one column each")
+    p.add_argument("--augmentation", choices=("force", "force_equal", "equal"), default="force",
+                   help="rasa_augmented: the routing_augmentation family")
+    p.add_argument("--augmentation_rates", type=float, nargs="+", default=[0.5],
+                   help="rasa_augmented: routing_augmentation_rate values, one column each")
     p.add_argument("--rasa_rounds", type=int, default=None, help="rounds R; every method trains 2R epochs")
     p.add_argument("--expert_learning_rate", type=float, default=None)
     p.add_argument("--router_learning_rate", type=float, default=None)
@@ -114,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.world_seed is not None:
         args.world_seeds = [args.world_seed]
+    bad = [r for r in args.augmentation_rates if not 0 <= r <= 1]
+    if bad:
+        p.error(f"--augmentation_rates {bad}: each rate must be in [0, 1]")
     if args.quick:
         args.seeds, args.world_seeds = args.seeds[:1], args.world_seeds[:1]
         args.rasa_rounds = 1
@@ -153,10 +168,11 @@ def load_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
 
 
 def train(base_model, tokenizer, pairs, settings: dict[str, Any], *, schedule: str, rounds: int, seed: int,
-          selection=None, expert_lr: float | None = None):
-    """A copy of the base model trained with one schedule; returns (model, seconds)."""
+          selection=None, expert_lr: float | None = None, extra: dict[str, Any] | None = None):
+    """A copy of the base model trained with one schedule (``extra``: further RASAConfig settings); returns (model,
+    seconds)."""
     model = copy.deepcopy(base_model)
-    kwargs = dict(settings, rasa_schedule=schedule, rasa_rounds=rounds, seed=seed)
+    kwargs = dict(settings, rasa_schedule=schedule, rasa_rounds=rounds, seed=seed, **(extra or {}))
     if expert_lr is not None:
         kwargs["expert_learning_rate"] = expert_lr
     start = time.perf_counter()
@@ -261,6 +277,8 @@ class WorldRun:
                 self.record(f"full SFT (lr {lr:g})", seed, *self.evaluated(fit("full", 2 * rounds, lr=lr)))
         if "expert_only" in methods:
             self.record("expert only", seed, *self.evaluated(fit("expert_only", 2 * rounds, self.detected)))
+        if "expert_phases" in methods:
+            self.record("expert phases only", seed, *self.evaluated(fit("expert_only", rounds, self.detected)))
         if "router_only" in methods:
             self.record("router only", seed, *self.evaluated(fit("router_only", 2 * rounds)))
         if "random_experts" in methods:
@@ -270,6 +288,13 @@ class WorldRun:
             self.record("random experts", seed, *self.evaluated(fit("alternate", rounds, chosen)))
         if "rasa" in methods:
             self.record("RASA", seed, *self.evaluated(fit("alternate", rounds, self.detected)))
+        if "rasa_augmented" in methods:
+            family = self.args.augmentation
+            for rate in self.args.augmentation_rates:
+                extra = {"routing_augmentation": family, "routing_augmentation_rate": rate}
+                model = train(self.base_model, self.tokenizer, self.pairs, self.settings, schedule="alternate",
+                              rounds=rounds, seed=seed, selection=self.detected, extra=extra)
+                self.record(f"RASA + {family} {rate:g}", seed, *self.evaluated(model))
 
     def evaluated(self, trained) -> tuple[SafetyReport, float]:
         model, seconds = trained
@@ -357,7 +382,7 @@ def render_table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(row) for row in lines)])
 
 
-ORDER = ("base", "steering", "full SFT", "expert only", "router only", "random experts", "RASA")
+ORDER = ("base", "steering", "full SFT", "expert only", "expert phases only", "router only", "random experts", "RASA")
 
 
 def ordered(names) -> list[str]:

@@ -13,6 +13,12 @@ in, and utility through lm-evaluation-harness.
   ``lm_eval``), as one flat ``{"<task>/<metric>": value}`` dict.
 
 Every error names the file (or "the dataset"), the row (0-based, in file order) and the column.
+
+The standard benchmarks in their published files (HarmBench, JailbreakBench, StrongREJECT, XSTest's published CSV,
+OR-Bench, WildJailbreak's evaluation TSV), with categories, file hashes and errors naming the line, are read by
+:mod:`rasa_trainer.evaluation.benchmarks`. Rows of every set may be multi-turn: ``prompt`` as a conversation with
+fixed assistant turns, or ``turns`` (the user's turns; the model's replies generated), see
+:func:`~rasa_trainer.evaluation.evaluate.evaluate_safety`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jinja2
@@ -38,9 +40,45 @@ def _selection_summary(selection) -> dict[str, Any] | None:
     }
 
 
+def card_evaluation(evaluation_results: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The card's evaluation section: ``rows`` of ``(metric, value, n, 95% interval)`` and the ``judges`` and
+    ``sources`` (benchmark files with their SHA-256) the numbers came from.
+
+    ``evaluation_results`` is ``{"report": SafetyReport or its to_dict(), other keys: shown as they are}`` (every rate
+    with its ``n`` and Wilson interval), or a flat ``{metric: value}`` dict, whose rates are shown without ``n`` and
+    interval (it carries neither; the card says so).
+    """
+    if not evaluation_results:
+        return None
+    from ..evaluation.evaluate import SafetyReport
+
+    results = dict(evaluation_results)
+    report = results.pop("report", None)
+    if isinstance(report, Mapping):
+        known = {f.name for f in dataclasses.fields(SafetyReport)}  # the derived "intervals" are recomputed
+        report = SafetyReport(**{k: v for k, v in report.items() if k in known})
+    if report is not None and not isinstance(report, SafetyReport):
+        raise TypeError(f"evaluation_results['report'] is a {type(report).__name__}; expected a SafetyReport or its "
+                        "to_dict()")
+    rows = []
+    if report is not None:
+        for key, rate in report.rates().items():
+            interval = "–" if rate.low is None else f"[{round(rate.low, 4)}, {round(rate.high, 4)}]"
+            rows.append((key, round(rate.value, 4), rate.n, interval))
+    for key, value in sorted(results.items()):
+        rate = isinstance(value, float) and report is None  # a legacy rate: no n, no interval
+        rows.append((key, round(value, 4) if isinstance(value, float) else value, "–" if rate else "",
+                     "–" if rate else ""))
+    judges = []
+    for role, info in (report.judges if report is not None else {}).items():
+        judges.append({"role": role.replace("_", " "), **{k: info.get(k) for k in ("name", "version", "format")}})
+    return {"rows": rows, "with_intervals": report is not None, "judges": judges,
+            "sources": list(report.sources) if report is not None else []}
+
+
 def render_model_card(trainer, model_name: str, dataset_name: str | None = None, tags=None,
                       evaluation_results: dict | None = None) -> str:
-    """The model card of a RASA run as markdown."""
+    """The model card of a RASA run as markdown (``evaluation_results``: see :func:`card_evaluation`)."""
     from .. import __version__
 
     args = trainer.args
@@ -63,7 +101,7 @@ def render_model_card(trainer, model_name: str, dataset_name: str | None = None,
         selection=_selection_summary(trainer.selection),
         schedule=args.rasa_schedule,
         hyperparameters=[(k, plain_value(getattr(args, k))) for k in _HYPERPARAMETERS] + _retain_settings(trainer),
-        evaluation=sorted((k, round(v, 4) if isinstance(v, float) else v) for k, v in (evaluation_results or {}).items()),
+        evaluation=card_evaluation(evaluation_results),
         citation=trainer._paper["citation"],
         adapter=args.expert_tuning == "lora" and args.rasa_schedule in ("alternate", "expert_only"),
     )

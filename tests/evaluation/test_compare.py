@@ -46,9 +46,9 @@ def test_summary_table_gives_mean_and_range_per_method(compare):
 
 def test_method_order(compare):
     names = ["RASA", "router only", "full SFT (lr 0.0003)", "base", "full SFT (lr 0.0001)", "steering", "expert only",
-             "random experts"]
+             "random experts", "expert phases only"]
     assert compare.ordered(names) == ["base", "steering", "full SFT (lr 0.0001)", "full SFT (lr 0.0003)",
-                                      "expert only", "router only", "random experts", "RASA"]
+                                      "expert only", "expert phases only", "router only", "random experts", "RASA"]
 
 
 def test_evenly_keeps_every_family(compare):

@@ -11,6 +11,13 @@ Write points (in the order a checkpoint save reaches them):
 - ``before_manifest`` / ``after_manifest``: around the manifest that marks the checkpoint complete;
 - ``rotation``: an older checkpoint lost its manifest and its deletion is about to begin.
 
+Detection's points (``rasa_trainer.detection``, resumable through its progress folder):
+
+- ``after_detection_batch``: a generation batch of pairs is judged (mid-shard: that shard's work is lost);
+- ``detection_shard_rename``: a shard's statistics are written to their temporary file, about to be renamed into place
+  (the temporary file is left behind);
+- ``after_detection_shard``: a shard's statistics file is in place.
+
 ``occurrence`` counts how often the point is reached in this process (1: the first time).
 """
 
@@ -22,17 +29,21 @@ import re
 import shutil
 import signal
 
-POINTS = ("after_weights", "after_trainable", "after_routing_cache", "before_manifest", "after_manifest", "rotation")
+POINTS = ("after_weights", "after_trainable", "after_routing_cache", "before_manifest", "after_manifest", "rotation",
+          "after_detection_batch", "detection_shard_rename", "after_detection_shard")
 _CHECKPOINT = re.compile(r"checkpoint-\d+$")
+_SHARD = re.compile(r"shard-rank\d+-\d+\.safetensors$")
 
 
 def install(point: str, occurrence: int = 1) -> None:
     """Arm ``point``: the ``occurrence``-th time this process reaches it, it is killed with SIGKILL."""
-    from rasa_trainer.moe.replay_cache import RoutingCache
-    from rasa_trainer.training import saving
-
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}; one of {', '.join(POINTS)}")
+    if "detection" in point:  # a detection job need not import the trainer (TRL) for this
+        from rasa_trainer.detection import detect, progress
+    else:
+        from rasa_trainer.moe.replay_cache import RoutingCache
+        from rasa_trainer.training import saving
     reached = 0
 
     def tick() -> None:
@@ -72,6 +83,13 @@ def install(point: str, occurrence: int = 1) -> None:
         wrap(saving, "write_manifest", before=always)
     elif point == "after_manifest":
         wrap(saving, "write_manifest", after=always)
+    elif point == "after_detection_batch":
+        wrap(detect, "run_judge", after=always)  # one judge call per generation batch (detect's own reference)
+    elif point == "detection_shard_rename":
+        # utils.atomic_write renames the finished temporary file over the shard's name: args (tmp, path)
+        wrap(os, "replace", before=lambda src, dst, *a, **k: bool(_SHARD.search(os.fspath(dst))))
+    elif point == "after_detection_shard":
+        wrap(progress, "atomic_save_safetensors", after=path_ends_with(".safetensors"))  # args: (tensors, path)
     elif point == "rotation":
         # the library removes a checkpoint's manifest, then the folder: killed as the folder's removal begins
         wrap(shutil, "rmtree", before=lambda path, *a, **k: bool(_CHECKPOINT.search(os.fspath(path).rstrip("/"))))

@@ -187,6 +187,32 @@ class ExpertStatistics:
             setattr(stats, name, torch.tensor(state[name], dtype=getattr(stats, name).dtype))
         return stats
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The state as tensors (for safetensors, exact: int64 counts and float64 sums); the shape and the vote
+        settings travel beside them (:meth:`settings`)."""
+        return {name: getattr(self, name) for name in _STATE}
+
+    def settings(self) -> dict[str, Any]:
+        """What statistics must share to be merged: shape and per-batch vote settings."""
+        return {"num_layers": self.num_layers, "num_experts": self.num_experts, "vote_k": self.vote_k,
+                "vote_threshold": self.vote_threshold}
+
+    @classmethod
+    def from_state_tensors(cls, tensors: dict[str, torch.Tensor], settings: dict[str, Any]) -> "ExpertStatistics":
+        """Statistics from :meth:`state_tensors` and :meth:`settings`; a missing tensor, or one of another shape or
+        dtype, raises ``ValueError`` naming it."""
+        stats = cls(settings["num_layers"], settings["num_experts"], vote_k=settings["vote_k"],
+                    vote_threshold=settings["vote_threshold"])
+        if set(tensors) != set(_STATE):
+            raise ValueError(f"statistics tensors {sorted(tensors)}; expected {sorted(_STATE)}")
+        for name in _STATE:
+            expected, got = getattr(stats, name), tensors[name]
+            if got.shape != expected.shape or got.dtype != expected.dtype:
+                raise ValueError(f"statistics tensor {name} is {got.dtype} {tuple(got.shape)}; expected "
+                                 f"{expected.dtype} {tuple(expected.shape)}")
+            setattr(stats, name, got.clone())
+        return stats
+
 
 # -------------------------------------------------------------------------------------------------------- helpers
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import random
+import shutil
 import struct
 
 import pytest
@@ -13,6 +14,7 @@ from rasa_trainer.moe.discovery import moe_layers
 from rasa_trainer.data.contract import DatasetContractError, as_messages
 from rasa_trainer.detection.detect import PairCounts, detect_safety_critical_experts, pair_outcome
 from rasa_trainer.detection.generation import generate_replies
+from rasa_trainer.detection.progress import DetectionProgressError
 from rasa_trainer.judges import JudgeError
 from rasa_trainer.moe.routing import Routing
 from rasa_trainer.detection.selection import (
@@ -490,6 +492,11 @@ def test_detect_subcommand_with_yaml_config(model, tokenizer, tmp_path, monkeypa
     with pytest.raises(EmptySelectionError, match="no pair survived"):
         command.main(argv)
     monkeypatch.setattr(command, "build_judge", lambda name, labels=None: MarkerJudge())
+    # the failed run kept its statistics, judged by the keyword judge: another judge cannot resume them
+    with pytest.raises(DetectionProgressError, match=r"judge: partial detection 'keyword' .*, now 'marker'"):
+        command.main(argv)
+    shutil.rmtree(tmp_path / "out" / "detection_progress")
     result = command.main(argv)
+    assert not (tmp_path / "out" / "detection_progress").exists()  # removed once the artifacts are written
     assert len(result) == 2 and sorted(result.by_moe_layer()) == [0, 1]
     assert SafetyCriticalExperts.load(tmp_path / "out") == result

@@ -444,7 +444,9 @@ class MoELayer:
 
     def expert_parameter_names(self) -> list[str]:
         """Names of the fused expert parameters of this layer (``gate_up_proj``, ``down_proj`` and any biases)."""
-        return [name for name, p in self.experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == self.num_experts]
+        # logical shapes: under ZeRO-3 the local tensor is empty and the real shape is ds_shape
+        return [name for name, p in self.experts.named_parameters(recurse=False)
+                if len(_full_shape(p)) >= 2 and _full_shape(p)[0] == self.num_experts]
 
     def expert_parameters(self, expert: int) -> dict[str, torch.Tensor]:
         """Views of expert ``expert``'s slices of every fused parameter, in the stored layout."""

@@ -1,8 +1,15 @@
 """RASA's pieces under torch FSDP2 (``fully_shard``) on CPU with gloo, against the same steps without FSDP.
 
 Run by tests/training/test_fsdp2.py with ``torchrun --nproc_per_node 2 tests/jobs/fsdp2_rasa.py OUT_DIR [delta|lora]
-[fsdp2|zero3]`` (``zero3``: DeepSpeed ZeRO-3 instead of FSDP2, with ``DS_ACCELERATOR=cpu``; it does not pass yet, see
-tests/training/test_fsdp2.py).
+[fsdp2|zero3]``. ``zero3``: DeepSpeed ZeRO-3 (``DS_ACCELERATOR=cpu``, gloo) instead of FSDP2, in fp32 (a ZeRO-3
+config without a bf16 section builds and trains the model in fp32; the reference does the same steps in fp32). There
+the model is loaded with ``from_pretrained`` while transformers sees the ZeRO-3 config, so it is partitioned as it
+loads (``deepspeed.zero.Init``, as under Trainer) and the repairs are attached to partitioned experts; the groups are
+RASATrainer's (``ParameterGroups.setup``: MoE blocks as ZeRO-3 leaves whose input needs a gradient; Trainer's AdamW
+regrouped, the inactive group left out of the step); every parameter is partitioned and released after use
+(``stage3_param_persistence_threshold: 0``: routers and repairs too); the merged save is
+``engine._zero3_consolidated_16bit_state_dict()`` (what ``accelerator.get_state_dict`` gathers) through
+``merged_state_dict``.
 
 The Trainer cannot run FSDP on the CPU (accelerate falls back to DDP there), so this job drives the pieces the
 Trainer uses directly, in the order it uses them:
@@ -58,12 +65,20 @@ LR = 1e-2
 CONNECT_OUTPUT = os.environ.get("CONNECT_OUTPUT", "1") == "1"
 
 
-def build(mode: str):
-    model = tiny_model("qwen3_moe", seed=0).to(torch.bfloat16)
+def build(mode: str, attach: bool = True, dtype: torch.dtype = torch.bfloat16):
+    model = tiny_model("qwen3_moe", seed=0).to(dtype)
     model.config.use_cache = False
+    if not attach:
+        return model, None, None
     for p in model.parameters():
         p.requires_grad_(False)
     repairs = attach_repairs(model, SELECTION, mode=mode, rank=4, alpha=8.0)
+    _init_lora(model, mode)
+    routers = upcast_routers(model)
+    return model, repairs, routers
+
+
+def _init_lora(model, mode: str) -> None:
     if mode == "lora":
         # non-zero B so the merged weights move on the first step's gradient of A as well
         with torch.no_grad():
@@ -72,8 +87,6 @@ def build(mode: str):
                     factors = r.factors(name)
                     if factors is not None:
                         factors[1].normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
-    routers = upcast_routers(model)
-    return model, repairs, routers
 
 
 def batches():
@@ -121,13 +134,25 @@ def record(model, batch):
     return rec.routing()
 
 
-def train_steps(model, repairs, routers, my_batches, world: int, backward=None, step=None):
+def _freeze_others(repairs, routers):
+    def activate(group: str) -> None:
+        for p in repairs:
+            p.requires_grad_(group == "experts")
+        for p in routers:
+            p.requires_grad_(group == "routers")
+
+    return activate
+
+
+def train_steps(model, repairs, routers, my_batches, world: int, backward=None, step=None, activate=None):
     """The expert step then the router step over ``my_batches`` (this process's micro-batches); returns the losses and
     the routing recorded before the expert step. As RASATrainer: one AdamW with a group per phase, the inactive
-    group frozen and without gradients. ``backward(loss)`` and ``step(optimizer)`` default to torch's (FSDP2 and the
-    reference); DeepSpeed passes its engine's."""
+    group frozen and without gradients. ``backward(loss)``, ``step(optimizer)`` and ``activate(group)`` default to
+    torch's and plain ``requires_grad`` switches (FSDP2 and the reference); DeepSpeed passes its engine's and
+    RASATrainer's ``ParameterGroups.activate``."""
     optimizer = torch.optim.AdamW([{"params": repairs}, {"params": routers}], lr=LR, weight_decay=0.0)
     backward = backward or (lambda loss: loss.backward())
+    activate = activate or _freeze_others(repairs, routers)
 
     def default_step(opt):
         opt.step()
@@ -138,18 +163,14 @@ def train_steps(model, repairs, routers, my_batches, world: int, backward=None, 
     model.train()
     losses = {"expert": [], "router": []}
     # expert phase: repairs trainable, routers frozen
-    for p in routers:
-        p.requires_grad_(False)
+    activate("experts")
     for b, routing in zip(my_batches, routings):
         loss, _ = expert_loss(model, b, routing)
         backward(loss * world / 2)  # the engine averages over `world` ranks; the reference sums both halves / 2
         losses["expert"].append(float(loss.detach()))
     step(optimizer)
     # router phase: routers trainable, repairs frozen
-    for p in repairs:
-        p.requires_grad_(False)
-    for p in routers:
-        p.requires_grad_(True)
+    activate("routers")
     for b in my_batches:
         loss = router_loss(model, b)
         backward(loss * world / 2)
@@ -159,8 +180,8 @@ def train_steps(model, repairs, routers, my_batches, world: int, backward=None, 
     return losses, routings
 
 
-def reference(mode: str):
-    model, repairs, routers = build(mode)
+def reference(mode: str, dtype: torch.dtype = torch.bfloat16):
+    model, repairs, routers = build(mode, dtype=dtype)
     losses, routings = train_steps(model, repairs, routers, batches(), world=1)
     return model, losses, routings
 
@@ -171,31 +192,60 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
 
     torch.set_num_threads(1)
     if engine == "zero3":
+        import importlib
+
         import deepspeed
 
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel at init (~2 min of g++ on a fresh
+        # machine); only its inference all-reduce uses it, training goes through gloo. (The module by its full name:
+        # the attribute deepspeed.comm.torch is torch itself.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, "run with --nproc_per_node 2"
+    # ZeRO-3 without a bf16 section trains in fp32 (deepspeed.zero.Init builds the model in fp32), the reference too
+    dtype = torch.float32 if engine == "zero3" else torch.bfloat16
 
-    model, repairs, routers = build(mode)
-    unit_dtypes = sorted({str(p.dtype) for p in model.model.layers[0].parameters()})
-    backward = step = None
+    backward = step = activate = None
     if engine == "zero3":
-        from deepspeed.utils import set_z3_leaf_modules
+        from transformers.integrations import HfDeepSpeedConfig
 
-        # as RASATrainer: every MoE block is a ZeRO-3 leaf (ranks route tokens to different experts)
-        set_z3_leaf_modules(model, [type(layer.mlp) for layer in model.model.layers])
-        for p in routers:
-            p.requires_grad_(True)  # every parameter any phase trains is trainable when the engine is built
+        from rasa_trainer.training.param_groups import ParameterGroups, learning_rates
+
+        # persistence threshold 0: every parameter is partitioned and released after use, routers and repairs too
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
                   "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                  "gradient_clipping": 0.0}
-        inner = torch.optim.AdamW([{"params": repairs}, {"params": routers}], lr=LR, weight_decay=0.0)
+                  "gradient_clipping": 0.0,
+                  # Trainer's optimiser (a subclass of its class, regrouped): transformers sets this flag the same way
+                  "zero_allow_untested_optimizer": True}
+        # the same weights as the reference's, loaded by every rank from a folder rank 0 wrote
+        base_dir = os.path.join(out_dir, "base")
+        if rank == 0:
+            build(mode, attach=False, dtype=dtype)[0].save_pretrained(base_dir)
+        dist.barrier()
+        # while this object lives transformers reports ZeRO-3 enabled and builds models under deepspeed.zero.Init
+        # (partitioned as they are created), as from_pretrained does under Trainer with a ZeRO-3 config
+        ds_config = HfDeepSpeedConfig(config)  # noqa: F841 - deleted below, once the engine is built
+        # as RASATrainer: the groups set up by ParameterGroups (repairs attached, routers upcast, every MoE block a
+        # ZeRO-3 leaf whose input needs a gradient), Trainer's AdamW regrouped by RASA group, phases switched by
+        # ParameterGroups.activate (the inactive group takes no optimiser step)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        model.config.use_cache = False
+        partitioned_at_attach = all(p.numel() == 0 for p in model.model.layers[0].mlp.experts.parameters())
+        groups = ParameterGroups(learning_rates(LR, LR))
+        groups.setup(model, "alternate", SELECTION, tuning=mode, lora_rank=4, lora_alpha=8.0)
+        _init_lora(model, mode)
+        repairs, routers = groups.groups["experts"], groups.groups["routers"]
+        unit_dtypes = sorted({str(p.dtype) for p in model.model.layers[0].parameters()})
+        cls, kwargs = groups.optimizer_cls_and_kwargs(torch.optim.AdamW, {"lr": LR, "weight_decay": 0.0})
+        groups.follow(model)
+        inner = cls([{"params": [p for p in model.parameters() if p.requires_grad]}], **kwargs)
         ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=inner, config=config)
+        del ds_config  # the reference and the reload below are plain models
         model = ds_engine.module
-        backward = ds_engine.backward
+        backward, activate = ds_engine.backward, groups.activate
 
         def step(_optimizer):
             ds_engine.step()
@@ -207,6 +257,10 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        model, repairs, routers = build(mode)
+        unit_dtypes = sorted({str(p.dtype) for p in model.model.layers[0].parameters()})
+        partitioned_at_attach = False
 
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
@@ -220,7 +274,7 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
 
     my_batches = [batches()[rank]]
     losses, routings = train_steps(model, repair_params, router_params, my_batches, world=world, backward=backward,
-                                   step=step)
+                                   step=step, activate=activate)
 
     # the merged save: a collective every rank enters; rank 0 writes
     if engine == "zero3":
@@ -231,7 +285,7 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
     report = None
     if rank == 0:
         merged = merged_state_dict(model, full)
-        ref_model, ref_losses, ref_routings = reference(mode)
+        ref_model, ref_losses, ref_routings = reference(mode, dtype)
         ref_merged = merged_state_dict(ref_model)
     gathered_losses = [None] * world
     dist.all_gather_object(gathered_losses, losses)
@@ -244,10 +298,25 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
             diff = (merged[key].float() - value.float()).abs().max().item()
             if diff > max_diff:
                 max_diff, worst = diff, key
+        base_state = tiny_model("qwen3_moe", seed=0).to(dtype).state_dict()
         moved = max((ref_merged[k].float() - v.float()).abs().max().item()
-                    for k, v in tiny_model("qwen3_moe", seed=0).to(torch.bfloat16).state_dict().items() if k in ref_merged)
+                    for k, v in base_state.items() if k in ref_merged)
+        # what the sharded run changed against the base: the selected experts' slices of the fused tensors and the
+        # routers, nothing else
+        changed_experts, other_changed = {}, []
+        base_layers = moe_layers(tiny_model("qwen3_moe", seed=0))
+        for index, layer in enumerate(base_layers):
+            experts = set()
+            for name in ("gate_up_proj", "down_proj"):
+                key = f"{layer.experts_name}.{name}"
+                differs = (merged[key].float() != base_state[key].float()).flatten(1).any(1)
+                experts |= set(differs.nonzero().flatten().tolist())
+            changed_experts[str(index)] = sorted(experts)
+        routers = {f"{layer.router_name}.weight" for layer in base_layers}
+        other_changed = sorted(k for k, v in base_state.items() if k in merged and k not in routers
+                               and ".experts." not in k and not torch.equal(merged[k].float(), v.float()))
         save_dir = os.path.join(out_dir, "merged")
-        plain = tiny_model("qwen3_moe", seed=0).to(torch.bfloat16)
+        plain = tiny_model("qwen3_moe", seed=0).to(dtype)
         plain.save_pretrained(save_dir, state_dict=merged)
         reloaded = AutoModelForCausalLM.from_pretrained(save_dir, dtype="auto")
         check = batches()[0]
@@ -266,6 +335,7 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
             "world_size": world, "backend": dist.get_backend(), "mode": mode, "engine": engine,
             "unit_dtypes": unit_dtypes,
             "sharded_types": sorted(set(sharded.values())),
+            "partitioned_at_attach": partitioned_at_attach,
             "repairs_sharded": all(sharded[n] in ("DTensor", "partitioned") for n in sharded if ".rasa_repairs." in n),
             "routing_equal": [gathered_routing[r][0] == [t.tolist() for t in ref_routings[r].indices] for r in range(world)],
             "losses_fsdp": all_losses,
@@ -273,6 +343,8 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
             "merged_keys_equal": sorted(merged) == sorted(ref_merged),
             "repair_keys_in_merged": sum(".rasa_repairs." in k for k in merged),
             "merged_max_abs_diff": max_diff, "merged_worst_key": worst,
+            "changed_experts": changed_experts, "selection": {str(k): v for k, v in SELECTION.items()},
+            "other_changed": other_changed,
             "weights_moved_from_base": moved,
             "router_dtype_saved": str(merged[f"{moe_layers(plain)[0].router_name}.weight"].dtype),
             "reload_class": type(reloaded).__name__,

@@ -96,16 +96,27 @@ def _plain_forward(model, batch: dict) -> None:
 def assignment_shift(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Share of top-k assignments in ``current [N, L, k]`` whose expert is not in the ``reference`` top-k set of the
     same token and layer."""
-    if current.numel() == 0:
-        return torch.tensor(0.0)
+    return shift_from_counts(kept_assignments(current, reference), current.numel())
+
+
+def kept_assignments(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """How many top-k assignments of ``current [N, L, k]`` keep their expert in the ``reference`` top-k set of the same
+    token and layer (an int64 count on the CPU: counts of token shares add up exactly across processes)."""
     # token chunks bound the [chunk, L, k, k] comparison (all tokens at once: ~9 KB per token at L=48, k=8)
     kept = torch.zeros((), dtype=torch.long)
     for start in range(0, current.shape[0], _SHIFT_CHUNK_TOKENS):
         now = current[start:start + _SHIFT_CHUNK_TOKENS].long()
         then = reference[start:start + _SHIFT_CHUNK_TOKENS].long().to(now.device)
         kept += (now.unsqueeze(-1) == then.unsqueeze(-2)).any(dim=-1).sum().cpu()
+    return kept
+
+
+def shift_from_counts(kept: torch.Tensor, total: int) -> torch.Tensor:
+    """The routing shift ``1 - kept / total`` of ``kept`` assignments out of ``total`` (0 without any)."""
+    if total == 0:
+        return torch.tensor(0.0)
     # the share in fp32, as the mean of the kept flags was (exact while the count is below 2**24)
-    return 1.0 - kept.float() / current.numel()
+    return 1.0 - kept.float() / total
 
 
 _SHIFT_CHUNK_TOKENS = 4096

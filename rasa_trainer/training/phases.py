@@ -29,20 +29,22 @@ logger = logging.getLogger(__name__)
 __all__ = ["ACTIVE_GROUP", "PHASE_CODES", "PhaseController", "check_selected_experts_reached"]
 
 
-def check_selected_experts_reached(experts_by_layer: dict[int, list[int]], indices: torch.Tensor) -> None:
+def check_selected_experts_reached(experts_by_layer: dict[int, list[int]], indices: torch.Tensor,
+                                   sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Count the training tokens a routing (``indices [tokens, MoE layers, top-k]``) sends to each selected expert:
     warn about experts that receive none (they cannot learn), fail when none receives any (the phase would train
-    nothing)."""
-    unreached, counts = [], {}
-    for moe_layer, experts in experts_by_layer.items():
-        per_expert = torch.bincount(indices[:, moe_layer].reshape(-1).long(), minlength=max(experts) + 1)
-        for e in experts:
-            counts[(moe_layer, e)] = int(per_expert[e])
-            if per_expert[e] == 0:
-                unreached.append((moe_layer, e))
-    if len(unreached) == len(counts):
+    nothing). With ``sum_over_processes`` each process counts its share of the tokens and the counts are summed (every
+    process then decides on all tokens)."""
+    selected = [(moe_layer, e) for moe_layer, experts in experts_by_layer.items() for e in experts]
+    counts = torch.cat([
+        torch.bincount(indices[:, moe_layer].reshape(-1).long(), minlength=max(experts) + 1)[experts]
+        for moe_layer, experts in experts_by_layer.items()]) if selected else torch.zeros(0, dtype=torch.long)
+    if sum_over_processes is not None:
+        counts = sum_over_processes(counts)
+    unreached = [key for key, count in zip(selected, counts.tolist()) if count == 0]
+    if len(unreached) == len(selected):
         raise ValueError(
-            f"no training token is routed to any of the {len(counts)} selected experts, so the expert phase would "
+            f"no training token is routed to any of the {len(selected)} selected experts, so the expert phase would "
             f"train nothing: the selection does not fit this model or data (was it detected on another "
             f"checkpoint?). Detect the experts on this model and these pairs."
         )
@@ -50,7 +52,7 @@ def check_selected_experts_reached(experts_by_layer: dict[int, list[int]], indic
         shown = ", ".join(f"(MoE layer {l}, expert {e})" for l, e in unreached[:20])
         logger.warning(
             "RASA: %d of %d selected experts receive no training token and will not learn: %s",
-            len(unreached), len(counts), shown,
+            len(unreached), len(selected), shown,
         )
 
 
@@ -61,20 +63,25 @@ class PhaseController(TrainerCallback):
     returns the model being trained (the trainer's current one); ``metrics``: where the phase-start routing shift is
     logged (TRL's train metrics); ``resumed``: the resume state a checkpoint load leaves (``initial_routing``, and
     ``routing_cache`` as ``(epoch, cache)``), each entry consumed once; ``on_train_end``: what runs when training
-    ends.
+    ends; ``wrapped_model``: returns the model as the engine wrapped it (under DDP, the ``DistributedDataParallel``
+    whose gradient reduction is limited to the active group at train begin).
     """
 
     def __init__(self, schedule: str, groups: ParameterGroups, routing: RoutingReplay, *,
                  model: Callable[[], nn.Module], metrics: MutableMapping[str, list],
-                 resumed: dict[str, Any] | None = None, on_train_end: Callable[[], None] | None = None):
+                 resumed: dict[str, Any] | None = None, on_train_end: Callable[[], None] | None = None,
+                 wrapped_model: Callable[[], nn.Module] | None = None):
         self.schedule = schedule
         self.groups, self.routing = groups, routing
         self._model, self._metrics = model, metrics
+        self._wrapped_model = wrapped_model
         self._resumed = resumed if resumed is not None else {}
         self._on_train_end = on_train_end
         self.experts_by_layer: dict[int, list[int]] | None = None
         self.phase: str | None = None
         self.epoch: int | None = None
+        # routing-robust repair (routing_augmentation.RoutingAugmentation): perturbs a share of the replayed routing
+        self.augmentation: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------------------------------ the schedule
     def phase_of_epoch(self, epoch: int) -> str:
@@ -106,6 +113,9 @@ class PhaseController(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------ Trainer's events
     def on_train_begin(self, args, state, control, **kwargs):
+        if self._wrapped_model is not None:
+            # DDP all-reduces only the gradients of the group the phase trains (a no-op outside DDP)
+            self.groups.reduce_only_active(self._wrapped_model())
         if self.schedule != "full" and self.routing.initial is None:
             self.routing.start_run(self._model(), resumed=self._resumed.pop("initial_routing", None))
 
@@ -129,7 +139,10 @@ class PhaseController(TrainerCallback):
         self.groups.activate(ACTIVE_GROUP[phase])
         if phase == "expert":
             self.routing.start_expert_phase(self._model(), epoch, resumed=self._resumed.pop("routing_cache", None))
-            check_selected_experts_reached(self.experts_by_layer, self.routing.cache.indices)
+            # each process counts its share of the cache's tokens; the counts are summed over the processes
+            indices = self.routing.cache.indices
+            check_selected_experts_reached(self.experts_by_layer, indices[self.routing.own_tokens(indices.shape[0])],
+                                           sum_over_processes=self.routing.sum_over_processes)
             # all real tokens of the training pairs, now vs at the start of the run (logged once per expert phase)
             self._metrics["routing_shift_phase_start"] = [self.routing.phase_start_shift()]
         logger.info("RASA: epoch %d runs the %s phase", epoch, phase)
@@ -140,4 +153,8 @@ class PhaseController(TrainerCallback):
         replayed; other phases replay nothing."""
         if self.phase != "expert":
             return contextlib.nullcontext()
-        return self.routing.replay(model, inputs)
+        augmentation, epoch = self.augmentation, self.epoch or 0
+        if augmentation is None or not augmentation.active:
+            return self.routing.replay(model, inputs)
+        return self.routing.replay(model, inputs, augment=lambda routing, batch, rows: augmentation(
+            routing, batch, rows, epoch))

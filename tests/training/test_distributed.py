@@ -1,4 +1,6 @@
-"""Two-process CPU (gloo) runs: detection shards pairs and agrees on the selection; parameters stay identical."""
+"""Two-process CPU (gloo) runs: detection shards pairs and agrees on the selection; parameters stay identical; routing
+records are split across the processes and DDP all-reduces only the active group's gradients, bit-identical to one
+process with the same global batch."""
 
 import json
 import os
@@ -115,3 +117,58 @@ def test_trainer_contract_under_two_processes(tmp_path):
     assert detection["selections"][0] == detection["selections"][1] == detection["planted"]
     assert detection["wrapped_after"] == "DistributedDataParallel" and detection["repairs_in_ddp_module"] > 0
     assert detection["identical_after_training"] and detection["phases"] == [1, 2] and detection["selection_file"]
+
+
+@pytest.mark.timeout(600)
+def test_sharded_recording_and_active_group_reduction_match_one_process(tmp_path):
+    """tests/jobs/ddp_sharded.py: 2 processes x 2 pairs against 1 process x 2 pairs x 2 accumulation steps (the same
+    global batch of 4), two rounds on 16 pairs."""
+    job = os.path.join(ROOT, "tests", "jobs", "ddp_sharded.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    # the two runs at once: the one-process run uses one core
+    runs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for cmd in ([sys.executable, job, str(tmp_path), "single"], [*launch, job, str(tmp_path), "ddp"])]
+    for run in runs:
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-4000:]
+    with open(tmp_path / "report_single.json") as f:
+        single = json.load(f)
+    with open(tmp_path / "report_ddp.json") as f:
+        ddp = json.load(f)
+    assert ddp["world_size"] == 2 and ddp["backend"] == "gloo" and ddp["wrapped"] == "DistributedDataParallel"
+
+    # the trained weights equal the one-process run's bit for bit (and training moved them)
+    from safetensors.torch import load_file
+    import torch
+
+    one, two = load_file(tmp_path / "weights_single.safetensors"), load_file(tmp_path / "weights_ddp.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert single["moved_from_base"] > 1e-3 and ddp["ranks_identical"]
+    # the metrics over all rows are the one-process values (the second expert phase's shift is not zero)
+    assert ddp["routing_shift_phase_start"] == [single["routing_shift_phase_start"]] * 2
+    assert single["routing_shift_phase_start"][1] > 0
+
+    # each process ran only its half of every record (run start, two expert phases) and holds the whole cache
+    assert [r["forward_rows"] for r in single["recorded"]] == [16, 16, 16]
+    for rank in range(2):
+        assert [(r["forward_rows"], r["recorded_rows"], r["cache_rows"]) for r in ddp["recorded"][rank]] == [
+            (8, 8, 16)] * 3
+    # records that do not split evenly: 5 pairs + 3 retain rows in batches of 2 (2 batches and 3), and 1 batch
+    # (nothing to record on rank 0): equal to one process's record; every process runs as many forwards
+    uneven = ddp["uneven"]
+    assert [u["recorded_rows"] for u in uneven[0]] == [4, 0] and [u["recorded_rows"] for u in uneven[1]] == [4, 2]
+    assert [u["forward_rows"] for u in uneven[0]] == [6, 2] and [u["forward_rows"] for u in uneven[1]] == [4, 2]
+    assert all(u["equal"] for rank in uneven for u in rank)
+
+    # gradient traffic: each phase all-reduces only its group (8 steps per phase over the two rounds) ...
+    repairs, routers = ddp["group_elements"]["experts"], ddp["group_elements"]["routers"]
+    for rank in range(2):
+        reduced = ddp["allreduced"][rank]
+        assert reduced["expert"]["elements"] == 8 * repairs and reduced["expert"]["bytes"] == 8 * repairs * 4
+        assert reduced["router"]["elements"] == 8 * routers and reduced["router"]["bytes"] == 8 * routers * 4
+    # ... where torch's stock all-reduce (kept when found) reduces both groups every step, to the same weights
+    stock = ddp["stock"]
+    for rank in range(2):
+        for phase in ("expert", "router"):
+            assert stock["allreduced"][rank][phase]["elements"] == 8 * (repairs + routers)
+    assert stock["weights_equal"] == [True, True]

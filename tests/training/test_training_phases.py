@@ -51,6 +51,12 @@ class FakeRouting:
     def phase_start_shift(self):
         return 0.25
 
+    def own_tokens(self, num_tokens):  # one process: all of them
+        return slice(0, num_tokens)
+
+    def sum_over_processes(self, counts):
+        return counts
+
     @contextlib.contextmanager
     def replay(self, model, inputs):
         self.calls.append(("replay", inputs))
@@ -148,3 +154,12 @@ def test_selected_experts_check(caplog):
     assert "1 of 3 selected experts receive no training token" in caplog.text and "expert 3" in caplog.text
     with pytest.raises(ValueError, match="no training token is routed to any of the 2 selected experts"):
         check_selected_experts_reached({0: [5], 1: [6]}, indices)
+    # under several processes each counts its share of the tokens: the decision is on the summed counts
+    other_share = {(0, 5): 0, (1, 6): 3}  # another process's tokens reach expert 6 of MoE layer 1
+    summed = []
+    check_selected_experts_reached({0: [5], 1: [6]}, indices,
+                                   sum_over_processes=lambda c: summed.append(c.tolist()) or c + torch.tensor(
+                                       list(other_share.values())))
+    assert summed == [[0, 0]]  # this share's counts, in selection order
+    with pytest.raises(ValueError, match="any of the 2 selected experts"):
+        check_selected_experts_reached({0: [5], 1: [6]}, indices, sum_over_processes=lambda c: c * 2)

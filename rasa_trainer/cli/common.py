@@ -133,43 +133,55 @@ def check_num_experts(flag: str, value: float) -> None:
         raise UsageError(f"{flag} {value}: give a fraction in (0, 1) of the routed experts or a whole count >= 1")
 
 
-def check_judge(name: str | None, flag: str = "--judge", refusal_labels: list[str] | None = None) -> None:
+def check_judge(name: str | None, flag: str = "--judge", refusal_labels: list[str] | None = None,
+                options: dict[str, Any] | None = None) -> None:
     """The judge ``name`` exists (a registered judge or a local checkpoint folder of a registered kind) and gets what
-    it needs (a classifier its refusal labels), before any model loads; see :func:`check_judges`."""
-    check_judges([(flag, name)], refusal_labels)
+    it needs (a classifier its refusal labels, the HTTP judge its endpoint), before any model loads; see
+    :func:`check_judges`."""
+    check_judges([(flag, name)], refusal_labels, options)
 
 
-def check_judges(judges: list[tuple[str, str | None]], refusal_labels: list[str] | None = None) -> None:
+def check_judges(judges: list[tuple[str, str | None]], refusal_labels: list[str] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
     """Every judge of a command, ``(flag, name)`` (None: the command's default judge), is checked by
-    ``rasa_trainer.judges.check_judge_name`` (no model, no Hub lookup); ``--judge_refusal_labels`` must reach a
-    judge that takes refusal labels, never be ignored."""
+    ``rasa_trainer.judges.check_judge_name`` (no model, no Hub lookup, no request); ``--judge_refusal_labels`` and
+    every ``--judge_<option>`` given (``options``, from ``JudgeArguments.options()``) must reach a judge that takes
+    it, never be ignored."""
     from ..judges import check_judge_name
 
-    takers = []
+    taken: set[str] = set()
     for flag, name in judges:
         if name is None:
             continue
         try:
-            options = judge_options(name, refusal_labels)
-            check_judge_name(name, **options)
+            given = judge_options(name, refusal_labels, options)
+            check_judge_name(name, **given)
         except ValueError as err:
             raise UsageError(f"{flag} {name}: {err}") from err
-        if options:
-            takers.append(flag)
-    if refusal_labels and not takers:
-        named = ", ".join(f"{flag} {name or 'default'}" for flag, name in judges)
+        taken.update(given)
+    named = ", ".join(f"{flag} {name or 'default'}" for flag, name in judges)
+    if refusal_labels and "refusal_labels" not in taken:
         raise UsageError(f"--judge_refusal_labels {' '.join(refusal_labels)}: only a classifier judge takes refusal "
                          f"labels, and no judge of this command is one ({named}); drop the option or give the folder "
                          "of a classifier checkpoint")
+    ignored = sorted(set(options or {}) - taken)
+    if ignored:
+        raise UsageError(f"{', '.join('--judge_' + o for o in ignored)}: no judge of this command takes "
+                         f"{'it' if len(ignored) == 1 else 'them'} ({named}); the HTTP judge (--judge openai) takes "
+                         "--judge_base_url, --judge_model, --judge_format and its other options, --judge "
+                         "qwen3guard:<folder> takes --judge_controversial")
 
 
-def judge_options(name: str, refusal_labels: list[str] | None) -> dict[str, Any]:
-    """The options ``--judge_refusal_labels`` gives the judge ``name``: its labels when the judge takes them."""
+def judge_options(name: str, refusal_labels: list[str] | None,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options the judge ``name`` gets: ``--judge_refusal_labels`` and the ``--judge_<option>`` values it takes."""
     from ..judges import judge_kind
 
-    if refusal_labels and judge_kind(name).takes("refusal_labels"):
-        return {"refusal_labels": list(refusal_labels)}
-    return {}
+    kind = judge_kind(name)
+    given = {key: value for key, value in (options or {}).items() if kind.takes(key)}
+    if refusal_labels and kind.takes("refusal_labels"):
+        given["refusal_labels"] = list(refusal_labels)
+    return given
 
 
 def options_given(argv: list[str]) -> set[str]:
@@ -295,17 +307,17 @@ def load_eval_sets(name: str, flag: str = "--eval_sets", world_seed: int = 0) ->
     return sets
 
 
-def build_judge(name: str | None, refusal_labels: list[str] | None = None):
-    """A registered judge ('keyword' when None, 'safety_world', ...) or a local classifier / guard checkpoint, through
-    ``rasa_trainer.judges.judge_from_name``; the refusal labels go to a judge that takes them."""
+def build_judge(name: str | None, refusal_labels: list[str] | None = None, options: dict[str, Any] | None = None):
+    """A registered judge ('keyword' when None, 'safety_world', 'openai', ...) or a local checkpoint judge, through
+    ``rasa_trainer.judges.judge_from_name``; the refusal labels and options go to a judge that takes them."""
     from ..judges import judge_from_name
 
     name = name or "keyword"
-    return judge_from_name(name, **judge_options(name, refusal_labels))
+    return judge_from_name(name, **judge_options(name, refusal_labels, options))
 
 
 def eval_suite(name: str, sets: dict[str, list[dict[str, Any]]], judge: str | None,
-               refusal_labels: list[str] | None = None) -> EvalSuite:
+               refusal_labels: list[str] | None = None, options: dict[str, Any] | None = None) -> EvalSuite:
     """The judges for ``sets``: SafetyWorld's exact judge and answer check for its own sets (or ``judge
     'safety_world'``), otherwise ``judge`` ('keyword' by default) with the keyword refusal judge for over-refusal."""
     from ..judges import RefusalKeywordJudge
@@ -314,7 +326,7 @@ def eval_suite(name: str, sets: dict[str, list[dict[str, Any]]], judge: str | No
         from ..safety_world import SafetyWorldJudge, utility_correct
 
         return EvalSuite(name, sets, SafetyWorldJudge(), SafetyWorldJudge(), utility_correct)
-    return EvalSuite(name, sets, build_judge(judge, refusal_labels), RefusalKeywordJudge(), None)
+    return EvalSuite(name, sets, build_judge(judge, refusal_labels, options), RefusalKeywordJudge(), None)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -345,6 +357,33 @@ def load_model(args: ModelLoadArguments, device: Any = None, trust_remote_code: 
                                                  attn_implementation=args.attn_implementation, **load)
     if device is not None:
         model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_model_skeleton(args: ModelLoadArguments, trust_remote_code: bool | None = None):
+    """``(model, tokenizer)`` as :func:`load_model` gives them, but the model an empty skeleton on the ``meta`` device
+    (its layout, dtype and generation config; no weights read): for the vLLM backend, which loads the weights
+    itself."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    if trust_remote_code is None:
+        trust_remote_code = getattr(args, "trust_remote_code", False)
+    location = model_location(args.model_name_or_path)
+    load = {"revision": args.model_revision, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(location, **load)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(location, **load)
+    dtype = torch_dtype(args.dtype)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:  # the stop ids generation uses, as from_pretrained reads them
+        model.generation_config = GenerationConfig.from_pretrained(location, revision=args.model_revision)
+    except OSError:
+        pass  # no generation_config.json: from_config derived one from the config, as from_pretrained does
     return model.eval(), tokenizer
 
 

@@ -1,6 +1,8 @@
 """``rasa-trainer detect``: find the Safety-Critical Experts of a Mixture-of-Experts model (RASA step 1).
 
-Writes ``safety_critical_experts.json``, ``expert_stats.csv`` and ``risk_difference.png`` into ``--output_dir``::
+Writes ``safety_critical_experts.json``, ``expert_stats.csv`` and ``risk_difference.png`` into ``--output_dir``; until
+then the statistics of every finished shard of pairs are kept in ``--output_dir``/detection_progress/, so the same
+command resumes an interrupted run (another run's progress there is refused, naming what differs)::
 
     rasa-trainer detect --model_name_or_path ./olmoe-instruct --dataset_name pairs.jsonl --output_dir out/sce
     rasa-trainer detect --config detect.yaml --judge ./guard-model
@@ -14,10 +16,13 @@ written by ``Dataset.save_to_disk``, a JSON/JSONL/CSV/Parquet file, a dataset fo
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 from ..detection.policies import POLICY_NAMES
+from ..run_lock import run_lock_holder
+from .arguments import check_generation_options
 from .common import (
     SAFETY_WORLD,
     ModelArguments,
@@ -31,6 +36,7 @@ from .common import (
     check_output_dir,
     check_threshold,
     load_model,
+    load_model_skeleton,
     load_pairs,
     parse,
     torch_dtype,
@@ -79,6 +85,26 @@ class DetectionArguments:
     top_p_experts: float = field(default=0.5, metadata={"help": "Cumulative RD share per layer (per_layer_top_p)."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the SafetyWorld pairs (--dataset_name safety_world)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    detection_backend: str = field(
+        default="hf",
+        metadata={"help": "What generates the replies: 'hf' (transformers generate) or 'vllm' (vLLM on the model "
+                          "folder, several times faster; `pip install vllm`; one process, no torchrun).",
+                  "choices": ["hf", "vllm"]},
+    )
+    vllm_kwargs: str | None = field(
+        default=None,
+        metadata={"help": "With --detection_backend vllm: further vllm.LLM arguments as JSON, e.g. "
+                          "'{\"gpu_memory_utilization\": 0.8, \"tensor_parallel_size\": 2}'."},
+    )
+    chat_template_kwargs: str | None = field(
+        default=None,
+        metadata={"help": "Extra chat-template variables as JSON, e.g. '{\"enable_thinking\": false}' for Qwen3."},
+    )
+    shard_size: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per shard, the unit of progress kept in <output_dir>/detection_progress/ so that the "
+                          "same command resumes after an interrupt (a multiple of --batch_size; default 16 batches)."},
+    )
 
 
 def check_values(args: DetectionArguments) -> None:
@@ -89,8 +115,14 @@ def check_values(args: DetectionArguments) -> None:
     check_num_experts("--num_experts", args.num_experts)
     check_fraction("--top_p_experts", args.top_p_experts)
     check_fraction("--top_p", args.top_p)
+    if args.shard_size is not None and (args.shard_size < 1 or args.shard_size % args.batch_size):
+        raise UsageError(f"--shard_size {args.shard_size}: a shard is whole generation batches, so it must be a "
+                         f"positive multiple of --batch_size {args.batch_size}")
     if args.do_sample and not args.temperature > 0:
         raise UsageError(f"--temperature {args.temperature}: sampling needs a temperature > 0")
+    check_generation_options(args, "--detection_backend", args.detection_backend,
+                             int(os.environ.get("WORLD_SIZE", 1)))
+
 
 
 def preflight(args: DetectionArguments, model_args: ModelArguments):
@@ -102,6 +134,10 @@ def preflight(args: DetectionArguments, model_args: ModelArguments):
     if not args.dataset_name:
         raise UsageError("--dataset_name is required: the pairs to detect on (or 'safety_world')")
     check_output_dir(args.output_dir)
+    holder = run_lock_holder(args.output_dir)
+    if holder is not None:  # refused before the model loads; detection then holds the lock itself
+        raise UsageError(f"--output_dir {args.output_dir} is in use by another run ({holder}). One run per output "
+                         "folder: wait for it to finish, or choose another --output_dir")
     if args.dataset_name == SAFETY_WORLD:
         from ..safety_world import make_world
 
@@ -130,16 +166,25 @@ def main(argv: list[str] | None = None):
     from ..detection.detect import detect_safety_critical_experts
 
     args, model_args = parse((DetectionArguments, ModelArguments), argv, "rasa-trainer detect")
+    # as `train`: RASA's messages (a resumed detection, a lock taken over) reach the terminal, unless the
+    # application has configured logging itself
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     pairs = preflight(args, model_args)
     device = _init_distributed()
-    model, tokenizer = load_model(model_args, device=device)
+    if args.detection_backend == "vllm":
+        # vLLM holds the weights; detection needs only the model's layout (an empty skeleton on the meta device)
+        model, tokenizer = load_model_skeleton(model_args)
+    else:
+        model, tokenizer = load_model(model_args, device=device)
     judge = build_judge(args.judge, args.judge_refusal_labels)
     result = detect_safety_critical_experts(
         model, tokenizer, pairs, judge=judge, anchor_column=args.anchor_column, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, policy=args.policy, num_experts=args.num_experts, threshold=args.threshold,
         top_p_experts=args.top_p_experts, output_dir=args.output_dir, progress=not args.no_progress,
-        model_revision=model_args.model_revision,
+        shard_size=args.shard_size,
+        model_revision=model_args.model_revision, chat_template_kwargs=args.chat_template_kwargs,
+        backend=args.detection_backend, vllm_kwargs=args.vllm_kwargs,
     )
     if int(os.environ.get("RANK", 0)) == 0:
         kept = result.pairs

@@ -272,11 +272,23 @@ def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArgu
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_run_folder(args, resume)
     selection = _selection(script_args, args, resume)
+    if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
+        _check_detection_backend(args)
     pairs = _pairs(script_args, args)
     check_resumed_run(resume, args, pairs, selection)
     world_data = script_args.dataset_name in (None, SAFETY_WORLD)
     return Inputs(pairs, _suite(script_args, world_data), args.detection_judge, selection, resume,
                   _retain(script_args, args))
+
+
+def _check_detection_backend(args) -> None:
+    """``--detection_backend vllm``: vLLM installed, one process (before the model loads)."""
+    from ..detection.backends import check_backend
+
+    try:
+        check_backend(args.detection_backend, args.world_size, args.detection_vllm_kwargs)
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"--detection_backend {args.detection_backend}: {err}") from err
 
 
 def _retain(script_args: TrainScriptArguments, args):
@@ -331,13 +343,14 @@ def _suite(script_args: TrainScriptArguments, world_data: bool) -> EvalSuite | N
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def evaluate(model, tokenizer, suite: EvalSuite, script_args: TrainScriptArguments, base_model=None):
+def evaluate(model, tokenizer, suite: EvalSuite, script_args: TrainScriptArguments, base_model=None,
+             chat_template_kwargs=None):
     from ..evaluation.evaluate import evaluate_safety
 
     return evaluate_safety(
         model, tokenizer, suite.sets, suite.judge, refusal_judge=suite.refusal_judge, base_model=base_model,
         utility_check=suite.utility_check, batch_size=script_args.eval_batch_size,
-        max_new_tokens=script_args.eval_max_new_tokens,
+        max_new_tokens=script_args.eval_max_new_tokens, chat_template_kwargs=chat_template_kwargs,
     )
 
 
@@ -350,6 +363,8 @@ def detect(model, tokenizer, pairs, judge, args, is_main: bool):
         do_sample=args.detection_do_sample, temperature=args.detection_temperature, seed=args.seed,
         policy=args.sce_policy, num_experts=args.sce_num_experts, threshold=args.sce_threshold,
         top_p_experts=args.sce_top_p, output_dir=args.output_dir if is_main else None,
+        chat_template_kwargs=args.chat_template_kwargs, backend=args.detection_backend,
+        vllm_kwargs=args.detection_vllm_kwargs,
     )
 
 
@@ -368,12 +383,12 @@ def release_training_memory(trainer) -> None:
 
 
 def evaluate_saved(model_dir: str, device, suite: EvalSuite, script_args: TrainScriptArguments, base_model,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, chat_template_kwargs=None):
     """Reload the published checkpoint from disk in the dtype it was saved in and evaluate that model."""
     logger.info("evaluating the saved checkpoint %s", model_dir)
     model, tokenizer = load_model(ModelLoadArguments(model_name_or_path=model_dir, dtype="auto"), device=device,
                                   trust_remote_code=trust_remote_code)
-    report = evaluate(model, tokenizer, suite, script_args, base_model)
+    report = evaluate(model, tokenizer, suite, script_args, base_model, chat_template_kwargs)
     return report, {"path": os.path.abspath(model_dir), "dtype": dtype_name(model)}
 
 
@@ -420,7 +435,7 @@ def run(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments,
     before = None
     if evaluating and state.is_main_process:
         logger.info("evaluating the base model on %s", args.device)
-        before = evaluate(model, tokenizer, inputs.suite, script_args)
+        before = evaluate(model, tokenizer, inputs.suite, script_args, chat_template_kwargs=args.chat_template_kwargs)
     state.wait_for_everyone()
 
     trainer = train(model, tokenizer, inputs, script_args, args, state.is_main_process)
@@ -462,7 +477,7 @@ def publish(trainer, model_dir: str, before, base_model, inputs: Inputs, script_
     if before is not None:
         release_training_memory(trainer)
         after, artifact = evaluate_saved(model_dir, args.device, inputs.suite, script_args, base_model,
-                                         args.trust_remote_code)
+                                         args.trust_remote_code, args.chat_template_kwargs)
         results.update(after=after.to_dict(), evaluated_artifact=artifact)
         trainer.evaluation_results = card_results(after, artifact)
         trainer.create_model_card(model_name=os.path.basename(os.path.abspath(model_dir)), output_dir=model_dir,

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_REFUSAL",
     "DatasetContractError",
     "as_messages",
+    "check_chat_template_kwargs",
     "completion_text",
     "render_chat",
     "retain_conflicts",
@@ -96,9 +97,33 @@ def completion_text(x: str | Sequence[Mapping[str, Any]] | None, default: str | 
     return x if isinstance(x, str) else x[0]["content"]
 
 
+# the arguments render_chat sets itself: a template kwarg of the same name would silently replace them
+_RESERVED_TEMPLATE_KWARGS = ("add_generation_prompt", "chat_template", "continue_final_message", "conversation",
+                             "messages", "return_dict", "tokenize")
+
+
+def check_chat_template_kwargs(kwargs: Mapping[str, Any] | None, name: str = "chat_template_kwargs") -> dict[str, Any]:
+    """``kwargs`` as a plain dict of extra chat-template variables (e.g. Qwen3's ``{"enable_thinking": False}``),
+    ``{}`` for ``None``; a clear error for anything else, for non-string keys and for the names ``render_chat`` sets
+    itself (``add_generation_prompt``, ``tokenize``, ...)."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{name} must be a dict of chat-template variables, e.g. {{\"enable_thinking\": false}}; got "
+                         f"{type(kwargs).__name__} {kwargs!r}")
+    bad = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        raise ValueError(f"{name}: keys must be template variable names (identifiers), got {bad}")
+    reserved = sorted(set(kwargs) & set(_RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise ValueError(f"{name} sets {reserved}, which RASA sets itself when it renders a conversation; remove "
+                         f"them (only extra template variables such as enable_thinking belong there)")
+    return dict(kwargs)
+
+
 def render_chat(
     tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-    tokenize: bool = False, chat_template: str | None = None,
+    tokenize: bool = False, chat_template: str | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> str | list[int]:
     """Render a conversation with the tokenizer's chat template: the one renderer of the package (detection,
     evaluation, generation and the trainer's anchor/prompt tokenisation all use it).
@@ -113,13 +138,18 @@ def render_chat(
         add_generation_prompt: append the assistant's generation prompt.
         tokenize: return token ids (``list[int]``) instead of the string.
         chat_template: a template to use instead of the tokenizer's own.
+        chat_template_kwargs: extra variables for the template, e.g. ``{"enable_thinking": False}`` for Qwen3 (as
+            ``chat_template_kwargs`` in TRL's GRPOConfig and vLLM's chat API); checked by
+            :func:`check_chat_template_kwargs`.
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat template, so RASA cannot format contexts the way the model sees "
             "them. Set `tokenizer.chat_template` (e.g. copy it from the instruct version of the model) before training."
         )
-    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    kwargs = check_chat_template_kwargs(chat_template_kwargs)
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
     out = tokenizer.apply_chat_template(
         as_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=tokenize, return_dict=False, **kwargs
     )
@@ -186,12 +216,15 @@ def validate_eval_sets(
     where: str = "eval_sets",
     allow_empty_sets: bool = False,
     max_errors: int = 10,
+    row_sources: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Check evaluation sets row by row with the rules of the pair contract; raise one error listing the problems.
 
     ``eval_sets`` is a dict ``{set name: [row, ...]}`` (what ``evaluate_safety`` and ``rasa-trainer evaluate
     --eval_sets`` read). Every row must be a dict whose ``prompt`` is a valid context exactly as a training pair's
-    ``prompt`` (non-empty text, or ``{"role", "content"}`` messages with known roles in the contract's order). The
+    ``prompt`` (non-empty text, or ``{"role", "content"}`` messages with known roles in the contract's order; a
+    conversation whose earlier assistant turns are fixed), or a multi-turn row whose model turns are generated:
+    ``turns``, the user's (attacker's) turns as a non-empty list of non-empty strings, and no ``prompt``. The
     set-specific fields (``answer``, ``attack``, ``held_out``) are checked by ``evaluate_safety`` itself.
 
     Args:
@@ -202,10 +235,12 @@ def validate_eval_sets(
             since a file that lists a set without rows almost always lost them. A dict without any row is an error
             either way.
         max_errors: how many problems the message lists (all are counted).
+        row_sources: ``{set name: [where each row came from]}`` (e.g. ``"harmbench.csv line 7"``), named in the
+            message after the row number.
 
     Raises:
-        DatasetContractError (a ``ValueError``): each problem reads ``set '<name>', row <i>, column 'prompt': <what is
-            wrong>; <how to fix it>``.
+        DatasetContractError (a ``ValueError``): each problem reads ``set '<name>', row <i> (<source>), column
+            'prompt': <what is wrong>; <how to fix it>``.
     """
     subject = f"{where}: rows break the evaluation-set contract"
     allowed = f"; expected some of {list(set_names)}" if set_names is not None else ""
@@ -225,18 +260,44 @@ def validate_eval_sets(
         total_rows += len(rows)
         if not rows and not allow_empty_sets:
             collector.add(f"set {name!r} has no rows; give its rows or remove the set")
+        sources = (row_sources or {}).get(name)
         for i, row in enumerate(rows):
+            label = f"set {name!r}, row {i}" + (f" ({sources[i]})" if sources is not None and i < len(sources) else "")
             if not isinstance(row, Mapping):
-                collector.add(f"set {name!r}, row {i}: is a {type(row).__name__}, expected a dict with a 'prompt'")
+                collector.add(f"{label}: is a {type(row).__name__}, expected a dict with a 'prompt'")
                 continue
-            problem = _conversation_problem(row.get(PROMPT_COLUMN, _MISSING))
+            column, problem = _eval_row_problem(row)
             if problem:
-                collector.add(f"set {name!r}, row {i}, column 'prompt': {problem}")
+                collector.add(f"{label}, column {column!r}: {problem}")
     if total_rows == 0 and not collector.total:
         collector.add("no evaluation set has any row, so nothing would be evaluated; give at least one set with rows"
                       + (f" ({', '.join(set_names)})" if set_names is not None else ""))
     if collector.total:
         raise DatasetContractError(collector.errors, collector.total, subject)
+
+
+TURNS_COLUMN = "turns"
+"""A multi-turn evaluation row whose model turns are generated: the user's turns, in order."""
+
+
+def _eval_row_problem(row: Mapping[str, Any]) -> tuple[str, str | None]:
+    """``(column, problem)`` of an evaluation row: its ``prompt`` as a context, or its ``turns`` (user turns whose
+    replies the evaluated model generates); ``problem`` is None when the row is valid."""
+    if TURNS_COLUMN not in row:
+        return PROMPT_COLUMN, _conversation_problem(row.get(PROMPT_COLUMN, _MISSING))
+    turns = row[TURNS_COLUMN]
+    if PROMPT_COLUMN in row:
+        return TURNS_COLUMN, ("the row has both 'prompt' and 'turns'; give 'prompt' (a conversation, its assistant "
+                              "turns fixed) or 'turns' (the user's turns, the model's replies generated), not both")
+    if not isinstance(turns, (list, tuple)):
+        return TURNS_COLUMN, f"has type {type(turns).__name__}; expected a list of the user's turns as strings"
+    if not turns:
+        return TURNS_COLUMN, "empty list; give the user's turns"
+    for j, turn in enumerate(turns):
+        problem = _text_problem(turn)
+        if problem:
+            return TURNS_COLUMN, f"turn {j}: {problem}; every user turn is non-empty text"
+    return TURNS_COLUMN, None
 
 
 def retain_conflicts(

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.contract import render_chat
+from ..data.contract import check_chat_template_kwargs, render_chat
 from ..moe.discovery import MoELayer, moe_layers
 from ..moe.routing import Routing, compact_index_dtype
 
@@ -203,20 +203,23 @@ def generate_batch(
     seed: int = 0,
     with_routing: bool = False,
     rows: Sequence[int] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> GenerationBatch:
     """Generate replies to one batch of chat conversations in a single ``generate`` call.
 
     Greedy by default; with ``do_sample=True`` sampling uses ``temperature`` and ``top_p`` only (a checkpoint's own
     ``top_k`` is switched off, so settings mean the same on every model) and is seeded with ``seed`` (the caller's RNG
     state is restored afterwards). ``rows`` labels the conversations in the returned batch (default ``0..len-1``).
+    ``chat_template_kwargs`` are extra chat-template variables (e.g. ``{"enable_thinking": False}``).
     """
     if not conversations:
         raise ValueError("no conversations to generate replies to")
     _check_settings(len(conversations), max_new_tokens, min_new_tokens)
+    check_chat_template_kwargs(chat_template_kwargs)
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     with _generation_mode(model, tokenizer):
-        texts = [render_chat(tokenizer, conversation) for conversation in conversations]
+        texts = [render_chat(tokenizer, c, chat_template_kwargs=chat_template_kwargs) for c in conversations]
         # the chat template already holds the special tokens (BOS, ...): do not add them twice
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         kwargs = _generate_kwargs(tokenizer, eos, max_new_tokens, min_new_tokens, do_sample, temperature, top_p)
@@ -270,6 +273,7 @@ def generate_replies(
     with_routing: bool = False,
     progress: bool = True,
     desc: str = "generating",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[GenerationBatch]:
     """Generate replies to chat conversations in batches, optionally with the routing of the generated tokens.
 
@@ -292,6 +296,7 @@ def generate_replies(
             seed=seed + batch_index,
             with_routing=with_routing,
             rows=rows,
+            chat_template_kwargs=chat_template_kwargs,
         )
 
 

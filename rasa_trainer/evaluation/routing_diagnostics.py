@@ -62,9 +62,10 @@ def _inference(model: nn.Module, base_model: nn.Module, tokenizer) -> Iterator[N
         yield
 
 
-def _encode(tokenizer, conversations: Sequence[Conversation]) -> dict[str, torch.Tensor]:
+def _encode(tokenizer, conversations: Sequence[Conversation],
+            chat_template_kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Left-padded token ids of the rendered prompts (the chat template holds the special tokens already)."""
-    texts = [render_chat(tokenizer, c) for c in conversations]
+    texts = [render_chat(tokenizer, c, chat_template_kwargs=chat_template_kwargs) for c in conversations]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
@@ -132,6 +133,7 @@ def routing_shift(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> RoutingShift:
     """Compare the routing of ``model`` with that of ``base_model`` on the prompt tokens of ``conversations``.
 
@@ -146,7 +148,7 @@ def routing_shift(
     with _inference(model, base_model, tokenizer):
         starts = range(0, len(conversations), batch_size)
         for start in tqdm(starts, desc="routing shift", disable=not progress, unit="batch"):
-            inputs = _encode(tokenizer, conversations[start:start + batch_size])
+            inputs = _encode(tokenizer, conversations[start:start + batch_size], chat_template_kwargs)
             parts.append(_batch_shift(model, base_model, inputs))
     if not parts:
         raise ValueError("no conversations to compare the routing on")
@@ -198,6 +200,7 @@ def generate_with_base_routing(
     max_new_tokens: int = 32,
     weights: str = "recompute",
     progress: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[GenerationBatch]:
     """Greedy replies of ``model`` while every router is forced onto the expert choice of ``base_model``.
 
@@ -223,17 +226,17 @@ def generate_with_base_routing(
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     conversations = [as_messages(c) for c in conversations]
     return _batches_with_base_routing(model, base_model, tokenizer, conversations, batch_size, max_new_tokens,
-                                      weights, progress)
+                                      weights, progress, chat_template_kwargs)
 
 
 def _batches_with_base_routing(model, base_model, tokenizer, conversations, batch_size, max_new_tokens, weights,
-                               progress) -> Iterator[GenerationBatch]:
+                               progress, chat_template_kwargs=None) -> Iterator[GenerationBatch]:
     eos = _eos_ids(model, tokenizer)
     starts = range(0, len(conversations), batch_size)
     for start in tqdm(starts, desc="forced routing", disable=not progress, unit="batch"):
         rows = list(range(start, min(start + batch_size, len(conversations))))
         with _inference(model, base_model, tokenizer):
-            inputs = _encode(tokenizer, [conversations[i] for i in rows])
+            inputs = _encode(tokenizer, [conversations[i] for i in rows], chat_template_kwargs)
             new_tokens = _lockstep_greedy(model, base_model, inputs, max_new_tokens, weights, eos,
                                           tokenizer.pad_token_id)
         kept = _trim(new_tokens, eos)

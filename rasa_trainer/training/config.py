@@ -11,10 +11,12 @@ import torch
 
 from trl import SFTConfig
 
-from ..data.contract import DEFAULT_REFUSAL
+from ..data.contract import DEFAULT_REFUSAL, check_chat_template_kwargs
+from ..detection.backends import BACKENDS
 from ..detection.policies import POLICY_NAMES
 from ..repairs.layer import REPAIR_MODES
 from ..moe.routing import REPLAY_WEIGHT_MODES
+from .routing_augmentation import AUGMENTATION_FAMILIES, AUGMENTATION_POSITIONS, check_augmentation_options
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,35 @@ class RASAConfig(SFTConfig):
     replay_cache_device: str = field(
         default="cpu", metadata={"help": "Where the expert-phase routing cache lives ('cpu' keeps it off the accelerator)."}
     )
+    routing_augmentation: str = field(
+        default="none",
+        metadata={"help": "Routing-robust repair: a share of the expert phase's pair rows trains under routing an "
+                          "attacker could impose instead of the replayed routing. 'force': the selected experts forced "
+                          "into the top-k with the routing attack's weights (SteerMoE's activation); 'force_equal': "
+                          "forced, then all top-k weights equal; 'equal': the replayed experts with equal weights; "
+                          "'none' (the default): exact replay. Needs replay_weights='cached' and routers that "
+                          "renormalise a softmax top-k. See docs/protocols/routing_augmentation.md.",
+                  "choices": list(AUGMENTATION_FAMILIES)},
+    )
+    routing_augmentation_rate: float = field(
+        default=0.5,
+        metadata={"help": "With routing_augmentation: the probability that a pair row of an expert-phase batch is "
+                          "trained under the perturbed routing (drawn per row, seeded by the run seed, the epoch and "
+                          "the batch's rows); 0 is exact replay."},
+    )
+    routing_augmentation_margin: float = field(
+        default=0.01,
+        metadata={"help": "With routing_augmentation='force' or 'force_equal': the margin over the row's maximum "
+                          "log-probability given to the forced experts (the routing attack's; SteerMoE uses 0.01)."},
+    )
+    routing_augmentation_positions: str = field(
+        default="reply",
+        metadata={"help": "Positions of a perturbed row that change: 'reply' (the decision position and every reply "
+                          "position, where the routing attack acts while generating), 'decision' (the prompt's last "
+                          "position only, where the attack on the reply's first token acts), 'mixed' (one of the two "
+                          "per perturbed row, even odds) or 'all' (every real position).",
+                  "choices": list(AUGMENTATION_POSITIONS)},
+    )
     anchor_column: str = field(
         default="anchor_prompt", metadata={"help": "Column holding the plain harmful request paired with each prompt."}
     )
@@ -126,6 +157,24 @@ class RASAConfig(SFTConfig):
         default=False, metadata={"help": "Sample replies in detection (seeded with `seed`) instead of greedy decoding."}
     )
     detection_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of detection."})
+    detection_backend: str = field(
+        default="hf",
+        metadata={"help": "Generation engine of detection at train start: 'hf' (transformers generate on the model "
+                          "being trained) or 'vllm' (vLLM on the model's folder, several times faster; needs `pip "
+                          "install vllm`; one process only). Both feed the same statistics and selection.",
+                  "choices": list(BACKENDS)},
+    )
+    detection_vllm_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra arguments of vLLM's `LLM(...)` for detection_backend='vllm', as a dict or JSON, e.g. "
+                          "'{\"gpu_memory_utilization\": 0.3}' to leave room for the model being trained."},
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra variables of the chat template, as a dict or JSON, used wherever a conversation is "
+                          "rendered (detection, the training rows, anchors, retain rows), e.g. "
+                          "'{\"enable_thinking\": false}' for Qwen3. The name and meaning of TRL's GRPOConfig field."},
+    )
     ignore_checkpoint_mismatch: bool = field(
         default=False,
         metadata={"help": "Resume from a checkpoint even when its run fingerprint (the arguments that shape the result, "
@@ -192,9 +241,12 @@ class RASAConfig(SFTConfig):
         if self.ddp_find_unused_parameters is None:
             # the phases train disjoint parameter sets, and a batch may route no token to some selected expert
             self.ddp_find_unused_parameters = True
-        super().__post_init__()
+        super().__post_init__()  # parses the JSON of the dict fields
+        self._check_dict_fields()
         # after transformers has mapped the deprecated gradient_checkpointing* names onto activation_checkpointing*
         self._configure_checkpointing()
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["chat_template_kwargs", "detection_vllm_kwargs"]
 
     @property
     def phases_per_round(self) -> int:
@@ -208,9 +260,21 @@ class RASAConfig(SFTConfig):
             ("replay_weights", REPLAY_WEIGHT_MODES),
             ("sce_policy", SELECTION_POLICIES),
             ("router_loss", ROUTER_LOSSES),
+            ("detection_backend", BACKENDS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(choices)}")
+        check_augmentation_options(self.routing_augmentation, self.routing_augmentation_rate,
+                                   self.routing_augmentation_margin, self.routing_augmentation_positions)
+        if self.routing_augmentation != "none":
+            if self.rasa_schedule not in ("alternate", "expert_only"):
+                raise ValueError(f"routing_augmentation={self.routing_augmentation!r} changes the expert phase's "
+                                 f"routing, but rasa_schedule={self.rasa_schedule!r} has no expert phase; use "
+                                 f"'alternate' or 'expert_only', or routing_augmentation='none'")
+            if self.replay_weights != "cached":
+                raise ValueError(f"routing_augmentation={self.routing_augmentation!r} sets the top-k weights, but "
+                                 f"replay_weights={self.replay_weights!r} would recompute them from the live routers; "
+                                 f"set replay_weights='cached' or routing_augmentation='none'")
         if isinstance(self.rasa_rounds, float) and self.rasa_rounds.is_integer():
             self.rasa_rounds = int(self.rasa_rounds)
         if isinstance(self.rasa_rounds, bool) or not isinstance(self.rasa_rounds, int) or self.rasa_rounds < 1:
@@ -248,6 +312,16 @@ class RASAConfig(SFTConfig):
                 "default_refusal is empty: rows without a completion would be trained toward an empty reply; give the "
                 "refusal text to train toward"
             )
+
+    def _check_dict_fields(self) -> None:
+        self.chat_template_kwargs = check_chat_template_kwargs(self.chat_template_kwargs) or None
+        kwargs = self.detection_vllm_kwargs
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"detection_vllm_kwargs={kwargs!r}; give a dict or its JSON, e.g. "
+                             f"'{{\"gpu_memory_utilization\": 0.3}}'")
+        if kwargs and self.detection_backend != "vllm":
+            raise ValueError(f"detection_vllm_kwargs={kwargs} is set but detection_backend={self.detection_backend!r}; "
+                             f"set detection_backend='vllm' or drop detection_vllm_kwargs")
 
     def _warn_unused_learning_rate(self) -> None:
         default = type(self).__dataclass_fields__["learning_rate"].default

@@ -103,11 +103,13 @@ def retain_sha256(rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def generate_completions(model, tokenizer, prompts: list, *, batch_size: int, max_new_tokens: int) -> list[str]:
+def generate_completions(model, tokenizer, prompts: list, *, batch_size: int, max_new_tokens: int,
+                         chat_template_kwargs: dict | None = None) -> list[str]:
     """The model's greedy replies to ``prompts`` (chat messages), in one batched pass."""
     replies: list[str] = []
     for batch in generate_replies(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                  do_sample=False, progress=False, desc="retain completions"):
+                                  do_sample=False, progress=False, desc="retain completions",
+                                  chat_template_kwargs=chat_template_kwargs):
         replies.extend(batch.replies)
     return replies
 
@@ -251,12 +253,13 @@ class RetainData:
     def __init__(self, rows: list[dict] | None, *, ratio: float, loss_weight: float, seed: int, pairs_per_batch: int,
                  collate: Callable[[list[dict]], dict] | None = None, pad_token_id: int | None = None,
                  loss_type: str = "nll", max_length: int | None = None, generation_batch_size: int = 8,
-                 max_new_tokens: int = 128):
+                 max_new_tokens: int = 128, chat_template_kwargs: dict | None = None):
         self.rows = rows
         self.ratio, self.loss_weight, self.seed = ratio, loss_weight, seed
         self.pairs_per_batch, self.loss_type, self.max_length = pairs_per_batch, loss_type, max_length
         self.collate, self.pad_token_id = collate, pad_token_id
         self.generation_batch_size, self.max_new_tokens = generation_batch_size, max_new_tokens
+        self.chat_template_kwargs = chat_template_kwargs or None  # rendered as the pairs are (TRL's row column)
         self.examples: list[dict] | None = None  # tokenised at the start of train()
         self.step_items: tuple = (None, None)  # completion tokens of the pairs / retain rows in the optimiser step
 
@@ -272,7 +275,7 @@ class RetainData:
             return
         too_long = []
         for i, row in enumerate(self.rows):
-            n = _row_length(tokenizer, row)
+            n = _row_length(tokenizer, row, self.chat_template_kwargs)
             if n > self.max_length:
                 too_long.append(f"row {i} ({n} tokens)")
         if too_long:
@@ -294,8 +297,10 @@ class RetainData:
         missing = [i for i, row in enumerate(rows) if row["completion"] is None]
         if missing:
             texts.update(zip(missing, self._generated_replies(generation_model, tokenizer, missing)))
+        template = {"chat_template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else {}
         dataset = Dataset.from_list([
-            {"prompt": as_messages(row["prompt"]), "completion": [{"role": "assistant", "content": texts[i]}]}
+            {"prompt": as_messages(row["prompt"]), "completion": [{"role": "assistant", "content": texts[i]}],
+             **template}
             for i, row in enumerate(rows)
         ])
         prepared = tokenise(dataset)
@@ -310,7 +315,8 @@ class RetainData:
         logger.info("RASA: generating the base model's replies to %d retain prompts", len(missing))
         replies = generate_completions(
             model, tokenizer, [as_messages(self.rows[i]["prompt"]) for i in missing],
-            batch_size=self.generation_batch_size, max_new_tokens=self.max_new_tokens)
+            batch_size=self.generation_batch_size, max_new_tokens=self.max_new_tokens,
+            chat_template_kwargs=self.chat_template_kwargs)
         empty = [i for i, reply in zip(missing, replies) if not reply.strip()]
         if empty:
             raise ValueError(
@@ -379,10 +385,10 @@ class RetainData:
             metrics[key].append(value)
 
 
-def _row_length(tokenizer: PreTrainedTokenizerBase, row: dict) -> int:
+def _row_length(tokenizer: PreTrainedTokenizerBase, row: dict, chat_template_kwargs: dict | None = None) -> int:
     """Tokens of a retain row with its completion (or its prompt and at least one generated token)."""
     messages = as_messages(row["prompt"])
     if row["completion"] is not None:
         return len(_chat_ids(tokenizer, messages + [{"role": "assistant", "content": completion_text(
-            row["completion"], None)}], generation_prompt=False))
-    return len(_chat_ids(tokenizer, messages, generation_prompt=True)) + 1
+            row["completion"], None)}], generation_prompt=False, chat_template_kwargs=chat_template_kwargs))
+    return len(_chat_ids(tokenizer, messages, generation_prompt=True, chat_template_kwargs=chat_template_kwargs)) + 1

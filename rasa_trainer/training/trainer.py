@@ -45,6 +45,7 @@ from .param_groups import ParameterGroups, learning_rates
 from .phases import PhaseController
 from .retain import RetainData, _captured_outputs, _validated_retain, expert_micro_batch
 from .router_loss import RouterLoss
+from .routing_augmentation import RoutingAugmentation, check_augmentation_supported
 from .routing_replay import RoutingReplay
 from .run_selection import check_detection_supported, resolve_selection, selection_of_checkpoint, validated_selection
 from .saving import CheckpointingMixin
@@ -99,6 +100,8 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         self.retain.check_lengths(self._tokenizer)
         if args.rasa_schedule != "full":
             self._disable_aux_loss()
+        if args.routing_augmentation != "none":
+            check_augmentation_supported(unwrap_model(self.model))  # before detection or any training
         self.selection = resolve_selection(safety_critical_experts, args.rasa_schedule, unwrap_model(self.model))
         if self._needs_detection():
             # detection is deferred to the start of train(), on the model on the training device (TRL keeps
@@ -115,15 +118,17 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             retain_rows, ratio=args.retain_ratio, loss_weight=args.retain_loss_weight, seed=args.seed,
             pairs_per_batch=args.per_device_train_batch_size, collate=collate, pad_token_id=pad_token_id,
             loss_type=args.loss_type, max_length=args.max_length, generation_batch_size=args.retain_batch_size,
-            max_new_tokens=args.retain_max_new_tokens)
+            max_new_tokens=args.retain_max_new_tokens, chat_template_kwargs=args.chat_template_kwargs)
         self.param_groups = ParameterGroups(learning_rates(args.expert_learning_rate, args.router_learning_rate))
         self.routing = RoutingReplay(
             self.train_dataset, collate, batch_size=args.per_device_train_batch_size,
-            device=args.device, cache_device=args.replay_cache_device, replay_weights=args.replay_weights)
+            device=args.device, cache_device=args.replay_cache_device, replay_weights=args.replay_weights,
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes)
         self.router_loss = RouterLoss(args.router_loss, args.kl_direction)
         self.phases = PhaseController(
             args.rasa_schedule, self.param_groups, self.routing, model=lambda: self.model,
-            metrics=self._metrics["train"], resumed=self._resumed, on_train_end=self._after_training)
+            metrics=self._metrics["train"], resumed=self._resumed, on_train_end=self._after_training,
+            wrapped_model=lambda: self.model_wrapped)
 
     # ------------------------------------------------------------------------------------------ read by saving.py,
     # model_card.py and the test jobs: the state of the owned objects under the trainer's former attribute names
@@ -183,6 +188,10 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         check_detection_supported(bool(self.is_fsdp_enabled), is_deepspeed_zero3_enabled())
+        from ..detection.backends import check_backend
+
+        # before any work: vLLM installed, one process, its settings sane (detection runs at train start)
+        check_backend(self.args.detection_backend, self.args.world_size, self.args.detection_vllm_kwargs)
 
     def _ensure_selection(self, resume_from_checkpoint=None) -> None:
         """Detect the Safety-Critical Experts when none were given (on every rank, pairs sharded across ranks, on the
@@ -216,6 +225,8 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             policy=args.sce_policy, num_experts=args.sce_num_experts, threshold=args.sce_threshold,
             top_p_experts=args.sce_top_p,
             output_dir=args.output_dir if self.is_world_process_zero() else None,
+            chat_template_kwargs=args.chat_template_kwargs, backend=args.detection_backend,
+            vllm_kwargs=args.detection_vllm_kwargs,
         )
 
     def _setup_parameter_groups(self) -> None:
@@ -225,6 +236,10 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             self.model, args.rasa_schedule, selection.by_moe_layer() if selection is not None else None,
             args.expert_tuning, args.expert_lora_rank, args.expert_lora_alpha)
         self.phases.expect_experts(selection.by_moe_layer() if selection is not None else None)
+        if args.routing_augmentation != "none":
+            self.phases.augmentation = RoutingAugmentation(
+                args.routing_augmentation, args.routing_augmentation_rate, experts_by_layer=selection.by_moe_layer(),
+                seed=args.seed, margin=args.routing_augmentation_margin, positions=args.routing_augmentation_positions)
 
     # ------------------------------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):

@@ -52,6 +52,8 @@ class _PairCollator:
 def _training_rows(dataset, args: RASAConfig) -> Dataset:
     """The pair contract as TRL's conversational prompt-completion rows, plus the anchor and the row index."""
     rows = dataset if isinstance(dataset, list) else dataset.to_list()
+    # TRL renders each row with its own `chat_template_kwargs` column; the anchors and prompt lengths read it too
+    template = {"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {}
     return Dataset.from_list(
         [
             {
@@ -59,15 +61,17 @@ def _training_rows(dataset, args: RASAConfig) -> Dataset:
                 "completion": [{"role": "assistant", "content": completion_text(row.get("completion"), args.default_refusal)}],
                 "rasa_anchor": as_messages(row[args.anchor_column]),
                 "rasa_index": i,
+                **template,
             }
             for i, row in enumerate(rows)
         ]
     )
 
 
-def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool, chat_template: str | None = None) -> list[int]:
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool, chat_template: str | None = None,
+              chat_template_kwargs: dict | None = None) -> list[int]:
     return render_chat(tokenizer, messages, add_generation_prompt=generation_prompt, tokenize=True,
-                       chat_template=chat_template)
+                       chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
 
 
 # the columns of the prepared rows that Trainer's column pruning must keep
@@ -81,7 +85,8 @@ def tokenize_anchors(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_l
         return dataset
     check_pair_lengths(dataset, tokenizer, max_length, dataset_name)
     return dataset.map(
-        lambda ex: {"anchor_input_ids": _chat_ids(tokenizer, ex["rasa_anchor"], generation_prompt=True)},
+        lambda ex: {"anchor_input_ids": _chat_ids(tokenizer, ex["rasa_anchor"], generation_prompt=True,
+                                                  chat_template_kwargs=ex.get("chat_template_kwargs"))},
         remove_columns=["rasa_anchor"],
         desc=f"Tokenizing anchors of {dataset_name}",
     )
@@ -97,7 +102,8 @@ def locate_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, chat_te
 
     return dataset.map(
         lambda ex: {"rasa_prompt_length": common_prefix_length(
-            _chat_ids(tokenizer, ex["prompt"], generation_prompt=True, chat_template=chat_template), ex["input_ids"])},
+            _chat_ids(tokenizer, ex["prompt"], generation_prompt=True, chat_template=chat_template,
+                      chat_template_kwargs=ex.get("chat_template_kwargs")), ex["input_ids"])},
         desc=f"Locating the prompts of {dataset_name}",
     )
 
@@ -108,10 +114,12 @@ def check_pair_lengths(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max
         return
     too_long = []
     for i, row in enumerate(dataset):
-        n = len(_chat_ids(tokenizer, row["prompt"] + row["completion"], generation_prompt=False))
+        kwargs = row.get("chat_template_kwargs")
+        n = len(_chat_ids(tokenizer, row["prompt"] + row["completion"], generation_prompt=False,
+                          chat_template_kwargs=kwargs))
         if n > max_length:
             too_long.append(f"row {i} ({n} tokens)")
-        n = len(_chat_ids(tokenizer, row["rasa_anchor"], generation_prompt=True))
+        n = len(_chat_ids(tokenizer, row["rasa_anchor"], generation_prompt=True, chat_template_kwargs=kwargs))
         if n > max_length:
             too_long.append(f"row {i} (anchor: {n} tokens)")
     if too_long:

@@ -121,7 +121,7 @@ def test_prepare_generates_missing_replies_once_and_tokenises(monkeypatch):
         return [{"input_ids": [i], "labels": [i], "other": 0} for i in range(len(dataset))]
 
     data.prepare(tiny_chat_tokenizer(), tokenise=tokenise, generation_model=lambda: "the model")
-    assert calls == [("the model", 1, {"batch_size": 8, "max_new_tokens": 4})]
+    assert calls == [("the model", 1, {"batch_size": 8, "max_new_tokens": 4, "chat_template_kwargs": None})]
     assert [r["completion"][0]["content"] for r in seen] == ["velm", "sure"]
     assert data.examples == [{"input_ids": [0], "labels": [0]}, {"input_ids": [1], "labels": [1]}]
     data.prepare(tiny_chat_tokenizer(), tokenise=tokenise, generation_model=lambda: "the model")

@@ -52,3 +52,10 @@ def test_gpu_check_cpu_tiny_mode_prints_every_row(tmp_path):
     for batch in (1, 8, 32):
         r = row(f"detection generation, batch {batch},")
         assert "tok/s bare" in r["time"] and "tok/s with capture" in r["time"]
+    # what CPU tests cannot see on a GPU, here in its CPU form: each row must pass its own check
+    assert row("repairs attached on cpu")["result"] == "ok"
+    assert row("load_rasa_adapter on cpu")["result"] == "exact"
+    save = row("mid-training save peak vs plan")
+    assert save["result"] == "within plan", save["detail"]
+    syncs = row("host waits per expert step, 2 vs 4 MoE layers")
+    assert syncs["result"] == "flat", syncs["detail"]

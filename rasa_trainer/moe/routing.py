@@ -7,6 +7,13 @@ probability over all experts (see :class:`rasa_trainer.moe.discovery.ScoringRule
 Both context managers are safe under gradient checkpointing: the recompute that checkpointing runs during backward
 is recognised (it runs inside the autograd engine) and is neither recorded a second time nor served other routing.
 
+Neither makes the host wait for the accelerator once per layer. :func:`replay_routing` moves the routing to the
+devices of the routers once, when the block is entered (all layers of a device in one pinned, non-blocking copy), and
+hands each layer's indices to the experts with their host copy attached (:func:`host_indices`), so the repair layer
+splits a layer's assignments on the host instead of reading them back from the device. :func:`record_routing` with
+``device="cpu"`` copies each layer's records into pinned host memory without waiting, and waits once, when the
+records are read.
+
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
@@ -16,6 +23,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,6 +119,7 @@ class RoutingRecorder:
         self._device = device
         self._compact = compact
         self._records: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in layers]
+        self._pending: list = []  # CUDA events of copies into pinned host memory not yet waited for
 
     def _hook(self, layer: MoELayer):
         def hook(module: nn.Module, args, output):
@@ -128,12 +137,31 @@ class RoutingRecorder:
             if self._compact:
                 indices = indices.to(compact_index_dtype(layer.num_experts))
             if self._device is not None:
-                indices, weights = indices.to(self._device), weights.to(self._device)
-                probs = probs.to(self._device) if probs is not None else None
+                indices, weights = self._move(indices), self._move(weights)
+                probs = self._move(probs) if probs is not None else None
             self._records[layer.index].append((indices, weights, probs))
             return None
 
         return hook
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the records' device. From CUDA to the host: a non-blocking copy into pinned memory (the host
+        does not wait once per layer); :meth:`_wait` waits once for all of them before anything is read."""
+        target = torch.device(self._device)
+        if tensor.device.type != "cuda" or target.type != "cpu" or tensor.requires_grad:
+            return tensor.to(target)  # differentiable records stay an autograd-tracked copy
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        out.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(tensor.device))
+        self._pending.append(event)
+        return out
+
+    def _wait(self) -> None:
+        # the copies into pinned memory are asynchronous: the host reads them only after they have landed
+        for event in self._pending:
+            event.synchronize()
+        self._pending.clear()
 
     @property
     def num_calls(self) -> int:
@@ -147,6 +175,7 @@ class RoutingRecorder:
         return [self._call(j) for j in range(self.num_calls)]
 
     def _call(self, j: int) -> Routing:
+        self._wait()
         recs = [layer_records[j] for layer_records in self._records]
         probs = None
         if self._probabilities:
@@ -160,6 +189,7 @@ class RoutingRecorder:
         return self._call(0)
 
     def clear(self) -> None:
+        self._pending.clear()  # the host allocator keeps a pinned buffer until its copy has landed
         for records in self._records:
             records.clear()
 
@@ -212,6 +242,10 @@ def replay_routing(model: nn.Module, routing: Routing, weights: str = "cached") 
     Every forward call inside the block must route exactly ``routing.num_tokens`` positions; a mismatch raises
     ``ValueError``. Under gradient checkpointing the recompute receives the same routing as long as ``backward`` runs
     inside the block (the recompute happens during backward).
+
+    The routing moves to the routers' devices once, on entering the block (a host routing: one pinned, non-blocking
+    copy per device; a routing on the device: one copy to the host, for the checks and the host copy the experts
+    read through :func:`host_indices`), so no layer makes the host wait.
     """
     if weights not in REPLAY_WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}; expected one of {REPLAY_WEIGHT_MODES}")
@@ -226,32 +260,107 @@ def replay_routing(model: nn.Module, routing: Routing, weights: str = "cached") 
             raise ValueError(
                 f"routing for MoE layer {layer.index} has indices of shape {tuple(idx.shape)}; expected [N, {layer.top_k}]"
             )
-        if int(idx.max()) >= layer.num_experts or int(idx.min()) < 0:
+    host = _host_copy(routing.indices)
+    for layer, idx in zip(layers, host):
+        if idx.size and (int(idx.max()) >= layer.num_experts or int(idx.min()) < 0):
             raise ValueError(f"routing for MoE layer {layer.index} names experts outside 0..{layer.num_experts - 1}")
+    devices = [_router_device(layer) for layer in layers]
+    indices = _to_devices([torch.from_numpy(h) for h in host], devices)
+    cached = _to_devices(routing.weights, devices) if weights == "cached" else [None] * len(layers)
 
-    def make_hook(layer: MoELayer, indices: torch.Tensor, cached: torch.Tensor):
+    def make_hook(layer: MoELayer, idx: torch.Tensor, host_idx: np.ndarray, cached_w: torch.Tensor | None):
         def hook(module: nn.Module, args, output):
             first, live_weights, live_indices = output
-            if live_indices.shape[0] != indices.shape[0]:
+            if live_indices.shape[0] != idx.shape[0]:
                 raise ValueError(
                     f"replay_routing: MoE layer {layer.index} ({layer.router_name}) routed {live_indices.shape[0]} "
-                    f"positions but the routing holds {indices.shape[0]}; replay needs the same batch and padding"
+                    f"positions but the routing holds {idx.shape[0]}; replay needs the same batch and padding"
                 )
-            idx = indices.to(device=live_indices.device, dtype=live_indices.dtype)
+            replayed = _with_host_copy(_like(idx, live_indices), host_idx)
             if weights == "cached":
-                w = cached.to(device=live_weights.device, dtype=live_weights.dtype)
+                w = _like(cached_w, live_weights)
             else:
-                w = layer.rule.topk_weights(first, idx).to(live_weights.dtype)
-            return first, w, idx
+                w = layer.rule.topk_weights(first, replayed).to(live_weights.dtype)
+            return first, w, replayed
 
         return hook
 
     handles = [
-        layer.router.register_forward_hook(make_hook(layer, idx, w))
-        for layer, idx, w in zip(layers, routing.indices, routing.weights)
+        layer.router.register_forward_hook(make_hook(layer, idx, h, w))
+        for layer, idx, h, w in zip(layers, indices, host, cached)
     ]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Moving a step's routing once, and the host copy of replayed indices
+# --------------------------------------------------------------------------------------------------------------------
+
+_HOST_INDICES = "_rasa_host_indices"
+
+
+def host_indices(top_k_index: torch.Tensor) -> np.ndarray | None:
+    """The host copy (``int64 [N, k]``) of top-k indices that :func:`replay_routing` handed to the experts, or None
+    for any other tensor (live routing, or indices changed in place since). The repair layer reads it instead of
+    the device tensor, so splitting a layer's assignments costs the host no wait for the device."""
+    found = getattr(top_k_index, _HOST_INDICES, None)
+    if found is None or found[1] != top_k_index._version:
+        return None
+    return found[0]
+
+
+def _with_host_copy(tensor: torch.Tensor, host: np.ndarray) -> torch.Tensor:
+    # the version counter taken now: an in-place change of the tensor afterwards voids the host copy
+    setattr(tensor, _HOST_INDICES, (host, tensor._version))
+    return tensor
+
+
+def _host_copy(indices: list[torch.Tensor]) -> list[np.ndarray]:
+    """Every layer's indices as ``int64`` numpy arrays on the host: host tensors directly, tensors on a device in
+    one copy (the only time replay waits for the device, once per block, not per layer)."""
+    on_device = [i for i, t in enumerate(indices) if t.device.type != "cpu"]
+    host = [t if t.device.type == "cpu" else None for t in indices]
+    if on_device:
+        moved = torch.stack([indices[i].long() for i in on_device]).cpu()
+        for j, i in enumerate(on_device):
+            host[i] = moved[j]
+    return [t.long().contiguous().numpy() for t in host]
+
+
+def _like(tensor: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on ``live``'s device and in its dtype: itself when it already is (moved on entering the block)."""
+    if tensor.device == live.device and tensor.dtype == live.dtype:
+        return tensor
+    return tensor.to(device=live.device, dtype=live.dtype)
+
+
+def _router_device(layer: MoELayer) -> torch.device | None:
+    tensor = next(iter(layer.router.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(layer.router.buffers()), None)
+    return None if tensor is None else tensor.device
+
+
+def _to_devices(tensors: list[torch.Tensor], devices: list[torch.device | None]) -> list[torch.Tensor]:
+    """Each tensor on its layer's device (where that is unknown, it stays and the hook moves it). Host tensors bound
+    for one CUDA device go in one pinned, non-blocking copy: the host does not wait for it, and the copy is ordered
+    before the forward's kernels on the current stream."""
+    out = list(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, (tensor, device) in enumerate(zip(tensors, devices)):
+        if device is None or tensor.device == device:
+            continue
+        if tensor.device.type == "cpu" and device.type == "cuda":
+            groups.setdefault((device, tensor.shape, tensor.dtype), []).append(i)
+        else:
+            out[i] = tensor.to(device)
+    for (device, _, _), members in groups.items():
+        stacked = torch.stack([tensors[i] for i in members]).pin_memory()
+        moved = stacked.to(device, non_blocking=True)
+        for j, i in enumerate(members):
+            out[i] = moved[j]
+    return out

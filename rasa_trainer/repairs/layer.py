@@ -15,7 +15,9 @@ in fp32 and bf16 (tested for every experts implementation a family has).
 
 One exception, by design: LoRA repairs in a forward that records gradients never materialise ``B @ A``; they add two
 skinny products per selected expert projection (as PEFT does for linear layers), which is exact in real arithmetic
-but not bit-identical to the merged weights. Without gradients (evaluation, generation, routing capture) LoRA repairs
+but not bit-identical to the merged weights. All selected experts of a layer run at once: the base products as one
+grouped GEMM over the fused weights (rows sorted by expert), the skinny products against every selected expert's
+factors side by side, each row keeping its own expert's block (no loop over experts). Without gradients (evaluation, generation, routing capture) LoRA repairs
 go through the kernel with the merged slices like delta repairs, and a layer is either copied with its repaired
 slices written in (one kernel call; small layers) or run per slot (large layers, when that needs less memory than the
 copy): :func:`no_grad_working_set` decides and states the bytes.
@@ -26,6 +28,11 @@ Lifecycle, as PEFT's tuners have it: :func:`attach_repairs`, :func:`merge_repair
 all of them and the PEFT adapter export. Routers train as fp32 master weights (:func:`upcast_routers`); unloading
 casts them back to the dtype they had.
 
+The host never waits for the device inside a layer when the routing is replayed (the expert phase): the split of a
+layer's assignments is computed from the host copy of the replayed indices (:func:`rasa_trainer.moe.routing.host_indices`)
+and sent to the device in one non-blocking copy. With live routing (the router phase, evaluation) the split costs one
+read of the layer's count of assignments to selected experts; the rest stays on the device.
+
 The private APIs of our dependencies used here are listed in ``docs/compatibility.md``.
 """
 
@@ -35,11 +42,13 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from ..moe.discovery import MoELayer, _full_shape, moe_layers, unwrap_model
+from ..moe.routing import host_indices
 
 __all__ = [
     "ExpertRepairs", "attach_repairs", "disable_repairs", "merge_repairs", "merged_for_saving", "merged_state_dict",
@@ -67,7 +76,9 @@ def _merge_slices(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tenso
     """Base slices with the repair added in the repair's precision, rounded once to the base dtype."""
     if delta is None:
         return base
-    return (base.to(delta.dtype) + delta.to(base.device)).to(base.dtype)
+    if delta.device != base.device:
+        delta = delta.to(base.device)
+    return (base.to(delta.dtype) + delta).to(base.dtype)
 
 
 class ExpertRepairs(nn.Module):
@@ -90,6 +101,7 @@ class ExpertRepairs(nn.Module):
         device = next(experts.parameters()).device
         # on the experts' device: the forward compares it with routing indices there (searchsorted, isin)
         self.register_buffer("selected", torch.tensor(sorted(selected), dtype=torch.long, device=device))
+        self._selected_host = (self._selected_key(), np.array(sorted(selected), dtype=np.int64))
         self.names = [n for n, p in experts.named_parameters(recurse=False) if _full_shape(p)[0] == _num_experts(experts)]
         for name in self.names:
             shape = (len(selected), *_full_shape(getattr(experts, name))[1:])
@@ -106,6 +118,16 @@ class ExpertRepairs(nn.Module):
     def active(self) -> bool:
         """Whether the forward applies the repairs (enabled and not already merged into the base weights)."""
         return self.enabled and not self.merged
+
+    def _selected_key(self) -> tuple:
+        return self.selected.device, self.selected.data_ptr(), self.selected._version
+
+    def selected_on_host(self) -> np.ndarray:
+        """``selected`` as a host array, read from the device only when the buffer moved or was loaded since."""
+        key = self._selected_key()
+        if self._selected_host[0] != key:
+            self._selected_host = (key, self.selected.cpu().numpy())
+        return self._selected_host[1]
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(lora_A, lora_B)`` of parameter ``name`` in LoRA mode, else None."""
@@ -171,33 +193,96 @@ def _kernel_outputs(experts, kernel, x: torch.Tensor, experts_of_rows: torch.Ten
     return kernel(experts, x, experts_of_rows[:, None], unit[:, None])
 
 
-def _lora_linear(x: torch.Tensor, weight: torch.Tensor, factors, scaling: float, transposed: bool) -> torch.Tensor:
-    """``x @ (W + scaling B A)`` in the stored layout as the base product plus two skinny products (no ``B @ A``)."""
-    a, b = factors  # non-transposed: A [r, in], B [out, r]; transposed storage [in, out]: B [in, r], A [r, out]
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x [n, in]`` (sorted by group) times ``weight [G, in, out]``, group ``g`` taking rows up to ``offsets[g]``."""
+    mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return mm(x.to(weight.dtype), weight, offs=offsets)
+
+
+def _lora_project(experts: nn.Module, repairs: ExpertRepairs, name: str, x: torch.Tensor, offsets: torch.Tensor,
+                  position: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+    """``x @ (W_e + scaling B_j A_j)`` for every row (rows sorted by expert ``e``, the ``position``-th selected), as
+    the base product plus two skinny products (never ``B @ A``): the base products as one grouped GEMM over the fused
+    parameter (unselected experts are empty groups, so nothing is gathered or copied), the skinny products by
+    :class:`_LoraUpdate`."""
+    weight = getattr(experts, name)
+    a, b = repairs.factors(name)
+    base = _grouped_mm(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
+    # the products' precision: the factors' (fp32), or the autocast dtype under mixed precision, as a matmul has it
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+    update = _LoraUpdate.apply(x, a, b, position, experts.is_transposed, dtype)
+    out = base + (update * repairs.scaling).to(base.dtype)
+    bias = getattr(experts, f"{name}_bias", None)
+    return out if bias is None else out + bias[expert_of_row]
+
+
+def _side_by_side(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """All selected experts' factors side by side: ``first [d_in, S r]`` (block ``j`` maps the input to expert ``j``'s
+    rank space) and ``second [S r, d_out]``. Stored layout ``[out, in]``: A ``[S, r, in]``, B ``[S, out, r]``;
+    transposed ``[in, out]``: B ``[S, in, r]`` comes first, A ``[S, r, out]`` second."""
+    num, rank = a.shape[0], a.shape[1]
     if transposed:
-        base, update = x @ weight, (x.to(a.dtype) @ b) @ a
-    else:
-        base, update = x @ weight.T, (x.to(a.dtype) @ a.T) @ b.T
-    return base + (update * scaling).to(base.dtype)
+        return b.permute(1, 0, 2).reshape(b.shape[1], num * rank), a.reshape(num * rank, a.shape[2])
+    return a.reshape(num * rank, a.shape[2]).T, b.transpose(1, 2).reshape(num * rank, b.shape[1])
 
 
-def _lora_expert_mlp(experts: nn.Module, repairs: ExpertRepairs, x: torch.Tensor, j: int) -> torch.Tensor:
-    """Selected expert ``j``'s MLP on tokens ``x`` with LoRA updates as skinny products (biases untouched)."""
-    e = int(repairs.selected[j])
-    first = "gate_up_proj" if experts.has_gate else "up_proj"
+def _own_blocks(values: torch.Tensor, position: torch.Tensor, num: int, rank: int) -> torch.Tensor:
+    """``[n, S r]`` zeros with each row's ``[n, r]`` ``values`` in its own expert's block."""
+    wide = values.new_zeros(values.shape[0], num, rank)
+    wide[torch.arange(values.shape[0], device=values.device), position] = values
+    return wide.view(values.shape[0], num * rank)
 
-    def project(h: torch.Tensor, name: str) -> torch.Tensor:
-        a, b = repairs.factors(name)
-        out = _lora_linear(h, getattr(experts, name)[e], (a[j], b[j]), repairs.scaling, experts.is_transposed)
-        bias = getattr(experts, f"{name}_bias", None)
-        return out if bias is None else out + bias[e]
 
-    h = project(x, first)
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    out = project(h, "down_proj")
-    if getattr(experts, "has_post_expert_norm", False):
-        out = experts.post_expert_norm(out)
-    return out
+class _LoraUpdate(torch.autograd.Function):
+    """``(x F1_j) F2_j`` for each row ``x`` and its selected expert ``j = position``, every expert of the layer in two
+    GEMMs: ``x @ first`` gives all experts' rank-space products (each row keeps its own block), and the row's block
+    spread into zeros ``[n, S r]`` times ``second`` is its own expert's update plus exact zeros. Nothing is read on the
+    host. Autograd keeps what the per-expert products kept: with trainable factors the input and the ``[n, r]``
+    products in the products' precision (and, under autocast, the factors' 16-bit copies); with frozen factors
+    nothing but the factors themselves. The wide ``[n, S r]`` buffers are rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, position, transposed: bool, dtype: torch.dtype):
+        num, rank = a.shape[0], a.shape[1]
+        trains = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        with torch.autocast(x.device.type, enabled=False):
+            fa, fb = a.to(dtype), b.to(dtype)
+            first, second = _side_by_side(fa, fb, transposed)
+            xc = x.to(dtype)
+            rows = torch.arange(x.shape[0], device=x.device)
+            own = (xc @ first).view(-1, num, rank)[rows, position]
+            update = _own_blocks(own, position, num, rank) @ second
+        if trains:
+            ctx.save_for_backward(xc, fa, fb, position, own)
+        else:  # only the input's gradient: the factors suffice (cast again in backward)
+            ctx.save_for_backward(None, a, b, position, None)
+        ctx.transposed, ctx.dtype, ctx.x_dtype, ctx.factor_dtype = transposed, dtype, x.dtype, a.dtype
+        return update
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, fa, fb, position, own = ctx.saved_tensors
+        num, rank = fa.shape[0], fa.shape[1]
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(grad.device.type, enabled=False):
+            first, second = _side_by_side(fa.to(ctx.dtype), fb.to(ctx.dtype), ctx.transposed)
+            grad = grad.to(ctx.dtype)
+            rows = torch.arange(grad.shape[0], device=grad.device)
+            grad_own = _own_blocks((grad @ second.T).view(-1, num, rank)[rows, position], position, num, rank)
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_own @ first.T).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                grad_first = xc.T @ grad_own  # [in, S r]
+                grad_second = _own_blocks(own, position, num, rank).T @ grad  # [S r, out]
+                if ctx.transposed:
+                    grad_b = grad_first.reshape(-1, num, rank).permute(1, 0, 2)
+                    grad_a = grad_second.reshape(num, rank, -1)
+                else:
+                    grad_a = grad_first.T.reshape(num, rank, -1)
+                    grad_b = grad_second.reshape(num, rank, -1).transpose(1, 2)
+                grad_a, grad_b = grad_a.to(ctx.factor_dtype), grad_b.to(ctx.factor_dtype)
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 def _merged_view(experts: nn.Module, repairs: ExpertRepairs) -> _ExpertsView:
@@ -207,11 +292,11 @@ def _merged_view(experts: nn.Module, repairs: ExpertRepairs) -> _ExpertsView:
     return _ExpertsView(experts, weights, _num_experts(experts))
 
 
-def _selected_outputs(experts: nn.Module, repairs: ExpertRepairs, x: torch.Tensor, expert_ids: torch.Tensor,
+def _selected_outputs(experts: nn.Module, repairs: ExpertRepairs, x: torch.Tensor, position: torch.Tensor,
                       unit: torch.Tensor) -> torch.Tensor:
-    """Unweighted outputs ``[n, H]`` of rows assigned to selected experts, with the repairs applied: the kernel on the
-    merged slices, or (LoRA, recording gradients) two skinny products per projection."""
-    position = torch.searchsorted(repairs.selected, expert_ids)  # which selected expert (selected is sorted)
+    """Unweighted outputs ``[n, H]`` of rows assigned to selected experts (``position``: which selected expert), with
+    the repairs applied: the kernel on the merged slices, or (LoRA, recording gradients) two skinny products per
+    projection."""
     if repairs.mode == "lora" and torch.is_grad_enabled():
         return _lora_rows(experts, repairs, x, position)
     view = _ExpertsView(experts, {name: repairs.effective(experts, name) for name in repairs.names}, len(repairs.selected))
@@ -219,13 +304,72 @@ def _selected_outputs(experts: nn.Module, repairs: ExpertRepairs, x: torch.Tenso
 
 
 def _lora_rows(experts: nn.Module, repairs: ExpertRepairs, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The selected experts' MLPs with their LoRA updates on rows ``x``, all experts at once (:func:`_lora_project`)."""
     order = torch.argsort(position, stable=True)
-    counts = torch.bincount(position[order], minlength=len(repairs.selected)).tolist()
-    # split rather than per-expert slices: the backward of a split builds one gradient tensor
-    inputs = x[order].split(counts)
-    outputs = [_lora_expert_mlp(experts, repairs, inputs[j], j) for j, count in enumerate(counts) if count]
-    out = torch.cat(outputs).to(x.dtype)
+    x, position = x[order], position[order]
+    expert_of_row = repairs.selected[position]
+    # group ends over all experts of the fused tensors (unselected experts: empty groups), from the sorted rows
+    every = torch.arange(_num_experts(experts), device=position.device, dtype=expert_of_row.dtype)
+    offsets = torch.searchsorted(expert_of_row, every, right=True).to(torch.int32)
+    first = "gate_up_proj" if experts.has_gate else "up_proj"
+    h = _lora_project(experts, repairs, first, x, offsets, position, expert_of_row)
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    out = _lora_project(experts, repairs, "down_proj", h, offsets, position, expert_of_row)
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    out = out.to(x.dtype)
     return torch.empty_like(out).index_copy(0, order, out)
+
+
+class _Split:
+    """A layer's (token, slot) assignments in two groups, each in the order the kernel meets them: ``base_slots`` /
+    ``base_experts`` (to unselected experts, through the model's kernel) and ``repaired_slots`` / ``positions`` (to
+    selected experts, ``positions`` indexing ``repairs.selected``). Slots index ``top_k_index.reshape(-1)``."""
+
+    def __init__(self, base_slots, base_experts, repaired_slots, positions):
+        self.base_slots, self.base_experts = base_slots, base_experts
+        self.repaired_slots, self.positions = repaired_slots, positions
+
+
+def _split_assignments(repairs: ExpertRepairs, top_k_index: torch.Tensor, kernel_name: str) -> _Split:
+    """The split from the host copy of replayed indices (no wait for the device), else on the device with one host
+    read (the number of assignments to selected experts, which sizes the two groups)."""
+    num_tokens, top_k = top_k_index.shape
+    host = host_indices(top_k_index)
+    if host is not None and host.shape == tuple(top_k_index.shape):
+        return _split_on_host(repairs, host, kernel_name, top_k_index.device)
+    slots = _slot_order(kernel_name, num_tokens, top_k, top_k_index.device)
+    slot_experts = top_k_index.reshape(-1)[slots]
+    chosen = torch.isin(slot_experts, repairs.selected)
+    # a stable sort on the flag keeps each group in ascending slot order, as nonzero() would give it
+    order = torch.argsort(chosen.to(torch.int8), stable=True)
+    num_base = num_tokens * top_k - int(chosen.sum())
+    base, repaired = order[:num_base], order[num_base:]
+    positions = torch.searchsorted(repairs.selected, slot_experts[repaired])
+    return _Split(slots[base], slot_experts[base], slots[repaired], positions)
+
+
+def _split_on_host(repairs: ExpertRepairs, host: np.ndarray, kernel_name: str, device: torch.device) -> _Split:
+    num_tokens, top_k = host.shape
+    slots = np.arange(num_tokens * top_k)
+    if kernel_name not in _SLOT_SUM_KERNELS:
+        slots = slots.reshape(num_tokens, top_k).T.reshape(-1)
+    slot_experts = host.reshape(-1)[slots]
+    selected = repairs.selected_on_host()
+    chosen = np.isin(slot_experts, selected)
+    base, repaired = np.flatnonzero(~chosen), np.flatnonzero(chosen)
+    parts = [slots[base], slot_experts[base], slots[repaired], np.searchsorted(selected, slot_experts[repaired])]
+    return _Split(*_to_device(parts, device))
+
+
+def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host int64 arrays on ``device`` in one copy (pinned and non-blocking to CUDA: the host does not wait)."""
+    joined = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
+    if device.type == "cuda":
+        joined = joined.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        joined = joined.to(device)
+    return list(joined.split([len(a) for a in arrays]))
 
 
 def _slot_order(kernel_name: str, num_tokens: int, top_k: int, device) -> torch.Tensor:
@@ -308,22 +452,17 @@ def repaired_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
         return kernel(_merged_view(self, repairs), hidden_states, top_k_index, top_k_weights)
     # per slot: with gradients, and without when copying a large layer would take more memory than its assignments
     num_tokens, top_k = top_k_index.shape
-    name = _base_name(self)
-    slots = _slot_order(name, num_tokens, top_k, hidden_states.device)
-    slot_experts = top_k_index.reshape(-1)[slots]
-    is_selected = torch.isin(slot_experts, repairs.selected)
+    split = _split_assignments(repairs, top_k_index, _base_name(self))
     unit = torch.ones(1, dtype=top_k_weights.dtype, device=top_k_weights.device)
     outputs = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1])
-    for rows, selected in ((~is_selected, False), (is_selected, True)):
-        rows = rows.nonzero().squeeze(1)
-        if not rows.numel():
+    for slots, ids, selected in ((split.base_slots, split.base_experts, False), (split.repaired_slots, split.positions, True)):
+        if not slots.numel():
             continue
-        x, ids = hidden_states[slots[rows] // top_k], slot_experts[rows]
-        ones = unit.expand(rows.numel())
+        x, ones = hidden_states[slots // top_k], unit.expand(slots.numel())
         values = _selected_outputs(self, repairs, x, ids, ones) if selected else _kernel_outputs(self, kernel, x, ids, ones)
-        outputs = outputs.index_put((slots[rows],), values)  # back to token-major positions
+        outputs = outputs.index_put((slots,), values)  # back to token-major positions
     weighted = outputs.view(num_tokens, top_k, -1) * top_k_weights[..., None]  # the kernel's own product
-    return _reduce_slots(weighted, top_k_index, name, hidden_states.dtype)
+    return _reduce_slots(weighted, top_k_index, _base_name(self), hidden_states.dtype)
 
 
 ExpertsInterface.register(EXPERTS_IMPLEMENTATION, repaired_experts_forward)

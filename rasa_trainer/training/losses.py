@@ -31,22 +31,32 @@ def directed_kl(p_anchor: torch.Tensor, p_adversarial: torch.Tensor, direction: 
     return 0.5 * (kl(p_anchor, p_adversarial) + kl(p_adversarial, p_anchor))
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values [N, E]`` over the rows where the flat ``mask [N]`` is set."""
-    mask = mask.reshape(-1).to(values.device)
-    if not mask.any():
-        raise ValueError("a batch has no context tokens to average router probabilities over")
-    return values[mask].mean(dim=0)
+def check_mean_mask(mask: torch.Tensor, per_pair: bool) -> None:
+    """Refuse a mask that leaves nothing to average: no set position at all (pooled) or an example without one
+    (``per_pair``). One host read per mask: callers check once per step, not once per MoE layer."""
+    empty = bool((mask.reshape(mask.shape[0], -1).sum(dim=1) == 0).any()) if per_pair else not bool(mask.any())
+    if empty:
+        what = "an example has" if per_pair else "a batch has"
+        raise ValueError(f"{what} no context tokens to average router probabilities over")
 
 
-def per_pair_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per example, the mean of ``values [B * T, E]`` over its positions where ``mask [B, T]`` is set: ``[B, E]``."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Mean of ``values [N, E]`` over the rows where the flat ``mask [N]`` is set (``check=False``: the caller has
+    checked the mask with :func:`check_mean_mask`)."""
+    if check:
+        check_mean_mask(mask, per_pair=False)
+    weights = mask.reshape(-1, 1).to(values.device, values.dtype)
+    return (values * weights).sum(dim=0) / weights.sum()
+
+
+def per_pair_mean(values: torch.Tensor, mask: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Per example, the mean of ``values [B * T, E]`` over its positions where ``mask [B, T]`` is set: ``[B, E]``
+    (``check=False``: the caller has checked the mask with :func:`check_mean_mask`)."""
+    if check:
+        check_mean_mask(mask, per_pair=True)
     batch, length = mask.shape
     weights = mask.to(values.device, values.dtype).reshape(batch, length, 1)
-    counts = weights.sum(dim=1)
-    if (counts == 0).any():
-        raise ValueError("an example has no context tokens to average router probabilities over")
-    return (values.reshape(batch, length, -1) * weights).sum(dim=1) / counts
+    return (values.reshape(batch, length, -1) * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 def router_consistency_kl(anchor_probabilities: Sequence[torch.Tensor],
@@ -59,8 +69,11 @@ def router_consistency_kl(anchor_probabilities: Sequence[torch.Tensor],
     KL per (anchor, adversarial) pair between token-mean probabilities per example (``[B]``); else pooled: one KL
     between the token means over the whole micro-batch (a scalar).
     """
+    check_mean_mask(anchor_mask, per_pair)  # once per step: the masks are the same for every MoE layer
+    check_mean_mask(context_mask, per_pair)
     mean = per_pair_mean if per_pair else masked_mean
-    terms = [directed_kl(mean(p_anchor, anchor_mask), mean(p_adversarial, context_mask), direction)
+    terms = [directed_kl(mean(p_anchor, anchor_mask, check=False), mean(p_adversarial, context_mask, check=False),
+                         direction)
              for p_anchor, p_adversarial in zip(anchor_probabilities, adversarial_probabilities)]
     return torch.stack(terms).mean(dim=0)
 

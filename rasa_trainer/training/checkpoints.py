@@ -27,6 +27,8 @@ TRAINING_ARGS_FILE = "training_args.json"
 ADAPTER_DIR = "adapter"
 _HASHED_UP_TO = 64 * 2**20  # files up to this size are hashed in the manifest; larger ones are checked by size
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# one file per data-parallel process in a ZeRO checkpoint (bf16_ prefixed under ZeRO-1/2 in bf16)
+_ZERO_OPTIM_STATE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 def _file_entry(path: str) -> dict[str, Any]:
@@ -83,6 +85,43 @@ def read_fingerprint(folder: str) -> dict[str, Any]:
     with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
         return json.load(f)["fingerprint"]
 
+
+def engine_problem(folder: str, deepspeed: bool, world_size: int) -> str | None:
+    """Why a run under DeepSpeed (or without it) with ``world_size`` processes cannot resume ``folder`` exactly, or
+    None. Under DeepSpeed, Trainer restores the weights and the optimiser from the engine's own state
+    (``global_step*/``, one partition per process) and never reads ``optimizer.pt``; without it, Trainer reads only
+    ``optimizer.pt`` and would start the moments afresh from a DeepSpeed checkpoint, without a word."""
+    state = _deepspeed_state(folder)
+    if deepspeed and state is None:
+        return ("it holds no DeepSpeed state (global_step*/): it was written without DeepSpeed (or with "
+                "save_only_model), and under DeepSpeed the weights and the optimiser resume from that state only. "
+                "Resume it without DeepSpeed, as it was written, or start over")
+    if not deepspeed and state is not None:
+        return ("it was written under DeepSpeed: its optimiser state is in "
+                f"{os.path.basename(state)}/, partitioned per process, which a run without DeepSpeed cannot read "
+                "(the moments would start afresh). Resume it under the same DeepSpeed config and number of processes")
+    if state is not None:
+        ranks = {m.group(1) for name in os.listdir(state) if (m := _ZERO_OPTIM_STATE.match(name))}
+        if ranks and len(ranks) != world_size:
+            return (f"its DeepSpeed state was written by {len(ranks)} processes and this run has {world_size}: "
+                    "DeepSpeed cannot re-partition ZeRO optimiser states. Resume with "
+                    f"{len(ranks)} processes, or start over")
+    return None
+
+
+def _deepspeed_state(folder: str) -> str | None:
+    """The DeepSpeed checkpoint a resume would load (the tag in ``latest``, as ``engine.load_checkpoint`` reads it,
+    else the only ``global_step*`` folder), or None when the folder holds none."""
+    tags = sorted(name for name in os.listdir(folder)
+                  if name.startswith("global_step") and os.path.isdir(os.path.join(folder, name)))
+    if not tags:
+        return None
+    with contextlib.suppress(OSError):
+        with open(os.path.join(folder, "latest"), encoding="utf-8") as f:
+            latest = f.read().strip()
+        if latest in tags:
+            return os.path.join(folder, latest)
+    return os.path.join(folder, tags[-1])
 
 
 def checkpoint_folders(run_dir: str) -> list[str]:

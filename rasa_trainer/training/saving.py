@@ -16,6 +16,14 @@
   ``ignore_checkpoint_mismatch=True``. The fingerprint holds the model's identity too (:func:`model_identity`: its
   config's type and shapes, a sampled content hash of the base weights taken before training changes them, the load
   dtype, the tokenizer and its chat template), so a checkpoint is never resumed on another model.
+- **Under DeepSpeed the engine's own state resumes.** A checkpoint holds the trained parameters in full also under
+  ZeRO-3, where each process holds only its partition: they are taken from the full state dict the save gathers for
+  the merge. Trainer resumes a DeepSpeed run through the engine (``global_step*/``: the parameters from its fp32
+  masters, the optimiser's moments) and skips ``_load_from_checkpoint``, so RASA's part follows in
+  ``_load_optimizer_and_scheduler``: the fingerprint, the routing records, and a check (one parameter gathered at a
+  time) that the engine restored exactly the parameters of ``rasa_trainable.safetensors``. A resume across engines
+  (a DeepSpeed checkpoint without DeepSpeed, whose moments would start afresh, or the reverse) or across process
+  counts under DeepSpeed is refused before any work, and so is ZeRO-3 without the gather on save.
 - **One run per output folder.** ``train()`` holds ``output_dir/.rasa-run.lock`` (process 0; pid, host, start time)
   for the run: a second run on the folder is refused naming the holder, a lock left by a dead process on this host
   is taken over with a warning. A new run in a folder that holds ``checkpoint-*`` folders is refused (they belong to
@@ -49,7 +57,8 @@ from ..moe.replay_cache import RoutingCache
 from ..utils import _umask, atomic_save_safetensors, atomic_write_json
 from .checkpoints import (
     ADAPTER_DIR, INITIAL_ROUTING_FILE, MANIFEST_FILE, ROUTING_CACHE_FILE, SELECTION_FILE, STATE_FILE, TRAINABLE_FILE,
-    TRAINING_ARGS_FILE, checkpoint_folders, checkpoint_problem, read_fingerprint, rotate, write_manifest,
+    TRAINING_ARGS_FILE, checkpoint_folders, checkpoint_problem, engine_problem, read_fingerprint, rotate,
+    write_manifest,
 )
 from .output_folder import RunLock, earlier_checkpoints, hold_run_lock, refuse_links, remove_earlier_checkpoints
 from .run_identity import FINGERPRINT_PARTS, fingerprint_differences, model_identity, run_fingerprint
@@ -100,7 +109,7 @@ class CheckpointingMixin:
             if self.args.should_save:
                 refuse_links(output_dir)
             super()._save(output_dir, state_dict)
-            self._after_weights(output_dir)
+            self._after_weights(output_dir, state_dict)
             return
         should_save = self.args.should_save
         if not should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
@@ -134,7 +143,7 @@ class CheckpointingMixin:
                               routers="routers" in self._groups, repairs=pairs)
         self.create_model_card(model_name=os.path.basename(os.path.abspath(output_dir)), output_dir=output_dir)
         if self._pending_checkpoint is not None and os.path.abspath(output_dir) == os.path.abspath(self._pending_checkpoint):
-            self._save_rasa_state(output_dir)
+            self._save_rasa_state(output_dir, state_dict)
 
     @contextlib.contextmanager
     def _user_router_logits_setting(self):
@@ -173,10 +182,10 @@ class CheckpointingMixin:
         write_manifest(folder, self._run_fingerprint(), self.state.global_step)
         rotate(run_dir, limit, {folder, self.state.best_model_checkpoint})
 
-    def _save_rasa_state(self, folder: str) -> None:
-        """Everything a resumed run needs that the Trainer's own checkpoint does not restore exactly."""
-        named = {id(p): n for n, p in unwrap_model(self.model).named_parameters()}
-        trainable = {named[id(p)]: p for params in self._groups.values() for p in params}
+    def _save_rasa_state(self, folder: str, state_dict: dict | None = None) -> None:
+        """Everything a resumed run needs that the Trainer's own checkpoint does not restore exactly. ``state_dict``:
+        the full state dict the save gathered (under ZeRO-3 the only place the trained parameters are whole)."""
+        trainable = _trainable_state(unwrap_model(self.model), self._groups, state_dict)
         atomic_save_safetensors(trainable, os.path.join(folder, TRAINABLE_FILE))
         if self._routing_cache is not None and self._phase == "expert":
             self._routing_cache.save(os.path.join(folder, ROUTING_CACHE_FILE), {"epoch": str(self._phase_epoch)})
@@ -205,19 +214,32 @@ class CheckpointingMixin:
         ``overwrite_output_dir``, with them removed)."""
         self._hold_run_lock()
         try:
+            self._check_deepspeed_config()
             self._base_model()
             folder = self._resume_folder(resume_from_checkpoint)
             if folder is None:
                 old = earlier_checkpoints(self.args.output_dir, getattr(self.args, "overwrite_output_dir", False))
                 if self.is_world_process_zero():
                     remove_earlier_checkpoints(self.args.output_dir, old)
-            elif not getattr(self.args, "ignore_checkpoint_mismatch", False):  # (that flag warns in _check_fingerprint)
+                return folder
+            problem = engine_problem(folder, bool(self.is_deepspeed_enabled), self.args.world_size)
+            if problem is not None:
+                raise ValueError(f"cannot resume from {folder}: {problem}")
+            if not getattr(self.args, "ignore_checkpoint_mismatch", False):  # (that flag warns in _check_fingerprint)
                 # what is known before detection and retain generation; all of it again when the checkpoint loads
                 self._check_fingerprint(folder, ("model", "args", "data", "version"))
         except BaseException:
             self._release_run_lock()
             raise
         return folder
+
+    def _check_deepspeed_config(self) -> None:
+        """Under ZeRO-3 every save merges the repairs from the full weights DeepSpeed gathers for it, and a checkpoint
+        takes the trained parameters from them too; without the gather, accelerate hands Trainer no weights at all."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        problem = _zero3_save_problem(plugin.deepspeed_config) if plugin is not None else None
+        if problem is not None:
+            raise ValueError(problem)
 
     def _resume_folder(self, resume_from_checkpoint):
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
@@ -271,17 +293,34 @@ class CheckpointingMixin:
         # loading them under the live repairs would apply the repairs twice, and transformers cannot map the
         # per-expert keys back onto fused tensors anyway (huggingface/transformers#48805). Everything training
         # changed is restored exactly from RASA's own file.
-        problem = checkpoint_problem(resume_from_checkpoint)
+        self._load_rasa_state(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            # under DeepSpeed Trainer skips _load_from_checkpoint: the engine has just loaded its own state
+            # (deepspeed_load_checkpoint: the trained parameters from its fp32 masters, the optimiser's moments), and
+            # RASA's part (fingerprint, routing records) follows here, before the first phase begins
+            self._load_rasa_state(checkpoint, engine_restored=True)
+
+    def _load_rasa_state(self, folder: str, model=None, engine_restored: bool = False) -> None:
+        """RASA's resume state: the run checked against the checkpoint's fingerprint, the trained parameters restored
+        from ``rasa_trainable.safetensors`` (or, where DeepSpeed restored them, checked against it) and the routing
+        records handed to the phases."""
+        problem = checkpoint_problem(folder)
         if problem is not None:
-            raise ValueError(f"cannot resume from {resume_from_checkpoint}: {problem}")
-        self._check_fingerprint(resume_from_checkpoint)
-        self._restore_trainable(resume_from_checkpoint, model)
-        cache_path = os.path.join(resume_from_checkpoint, ROUTING_CACHE_FILE)
+            raise ValueError(f"cannot resume from {folder}: {problem}")
+        self._check_fingerprint(folder)
+        if engine_restored:
+            _check_engine_restored(unwrap_model(self.model), self._groups, folder)
+        else:
+            self._restore_trainable(folder, model)
+        cache_path = os.path.join(folder, ROUTING_CACHE_FILE)
         if os.path.isfile(cache_path):
             with safe_open(cache_path, "pt") as f:
                 epoch = int(f.metadata()["epoch"])
             self._resumed["routing_cache"] = (epoch, RoutingCache.load(cache_path))
-        initial = os.path.join(resume_from_checkpoint, INITIAL_ROUTING_FILE)
+        initial = os.path.join(folder, INITIAL_ROUTING_FILE)
         if os.path.isfile(initial):
             self._resumed["initial_routing"] = RoutingCache.load(initial)
 
@@ -293,13 +332,29 @@ class CheckpointingMixin:
         missing = sorted(n for n, p in params.items() if id(p) in ids and n not in saved)
         if missing:
             raise ValueError(f"{path} lacks trainable parameters {missing[:5]}; it was written by another run")
+        wrong = [f"{n} {list(t.shape)} (the model's: {list(params[n].shape)})" for n, t in saved.items()
+                 if n in params and t.shape != params[n].shape]
+        if wrong:
+            raise ValueError(f"{path} holds parameters of other shapes: {'; '.join(wrong[:3])}. A shape [0] is an "
+                             "empty ZeRO-3 partition, saved by rasa-trainer before checkpoints took the gathered "
+                             "weights: resume such a checkpoint under the same ZeRO-3 config, or start over")
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor)
 
     def _load_best_model(self) -> None:
-        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
-        self._restore_trainable(self.state.best_model_checkpoint)
+        best = self.state.best_model_checkpoint
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        if self.is_deepspeed_enabled:
+            # the parameters are the engine's (partitioned under ZeRO-3, fp32 masters in its optimiser): restored
+            # through DeepSpeed as Trainer does, then checked against RASA's file
+            from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+            from transformers.trainer import _is_peft_model
+
+            deepspeed_load_checkpoint(self.model_wrapped, best, load_module_strict=not _is_peft_model(self.model))
+            _check_engine_restored(unwrap_model(self.model), self._groups, best)
+            return
+        self._restore_trainable(best)
 
     # ------------------------------------------------------------------------------------------ end of training
     def _check_not_merged(self) -> None:
@@ -342,6 +397,92 @@ def _respect_umask(folder: str) -> None:
                 os.fchmod(fd, mode)
         finally:
             os.close(fd)
+
+
+def _trainable_state(model: torch.nn.Module, groups: dict[str, list], state_dict: dict | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Name -> the full value of every parameter a RASA group trains, for ``rasa_trainable.safetensors``.
+
+    Under DeepSpeed ZeRO-3 a parameter holds only this process's partition (outside a gather its tensor is empty,
+    shape ``[0]``), so its value is taken from ``state_dict``: the consolidated state dict the save gathered for the
+    merge (``accelerator.get_state_dict``). A partitioned parameter it lacks is an error, never an empty tensor in a
+    checkpoint."""
+    named = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for params in groups.values():
+        for p in params:
+            name = named[id(p)]
+            full_shape = getattr(p, "ds_shape", None)  # set by deepspeed.zero.Init on partitioned parameters
+            if full_shape is None:
+                out[name] = p
+                continue
+            value = state_dict.get(name) if state_dict is not None else None
+            if value is None or tuple(value.shape) != tuple(full_shape):
+                raise RuntimeError(
+                    f"{name} is partitioned by DeepSpeed ZeRO-3 and the state dict the save gathered holds "
+                    f"{'no value' if value is None else f'shape {list(value.shape)}'} for it (full shape "
+                    f"{list(full_shape)}); a checkpoint would hold an empty partition. Save through Trainer with "
+                    "stage3_gather_16bit_weights_on_model_save (accelerate: zero3_save_16bit_model: true)")
+            out[name] = value
+    return out
+
+
+def _check_engine_restored(model: torch.nn.Module, groups: dict[str, list], folder: str) -> None:
+    """After DeepSpeed restored a checkpoint through its own state (``global_step*/``): the trained parameters must
+    equal ``rasa_trainable.safetensors`` written beside it (what the save gathered) exactly, or the resume is refused.
+    Under ZeRO-3 each parameter is gathered in turn, a collective every process enters in the same order; every
+    process reaches the same verdict."""
+    path = os.path.join(folder, TRAINABLE_FILE)
+    named = {id(p): n for n, p in model.named_parameters()}
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: not a complete RASATrainer checkpoint")
+    try:
+        saved = safe_open(path, "pt")
+        keys = set(saved.keys())
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"cannot read {path} ({err}); the checkpoint is corrupt: resume from another one") from err
+    differences: list[str] = []
+    for params in groups.values():
+        for p in params:  # one parameter gathered at a time: never all repairs in full at once
+            name = named[id(p)]
+            with _gathered(p):
+                if name not in keys:
+                    differences.append(f"{name} is missing")
+                    continue
+                want, got = saved.get_tensor(name), p.detach().cpu()
+                if want.shape != got.shape or want.dtype != got.dtype:
+                    differences.append(f"{name}: {list(want.shape)} {want.dtype} saved, {list(got.shape)} "
+                                       f"{got.dtype} restored")
+                elif not torch.equal(want, got):
+                    gap = (want.double() - got.double()).abs().max().item()
+                    differences.append(f"{name}: values differ by up to {gap:.3g}")
+    if differences:
+        raise ValueError(
+            f"DeepSpeed restored trained parameters from {folder} that differ from its {TRAINABLE_FILE}: "
+            f"{'; '.join(differences[:5])}{' ...' if len(differences) > 5 else ''}. Its global_step* state belongs to "
+            "another save (or the file was written by a rasa-trainer that saved empty ZeRO-3 partitions): resume "
+            "from another checkpoint, or start over")
+
+
+def _gathered(param: torch.Tensor):
+    """The full value of one ZeRO-3 partitioned parameter for reading (a collective); other parameters as they are."""
+    if getattr(param, "ds_id", None) is None:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
+
+def _zero3_save_problem(config: dict) -> str | None:
+    """Why a DeepSpeed config cannot save RASA's result, or None: under ZeRO-3 the save needs the gathered weights
+    (accelerate's ``get_state_dict`` refuses without them and Trainer then writes no weights at all)."""
+    zero = config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0) or 0) != 3 or zero.get("stage3_gather_16bit_weights_on_model_save"):
+        return None
+    return ("DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: RASATrainer merges the repairs into "
+            "the expert weights when it saves and writes the trained parameters into every checkpoint, both from the "
+            "full weights DeepSpeed gathers for a save. Set zero3_save_16bit_model: true in the accelerate config "
+            "(or stage3_gather_16bit_weights_on_model_save: true under zero_optimization in the DeepSpeed JSON)")
 
 
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:

@@ -11,6 +11,14 @@ regrouped, the inactive group left out of the step); every parameter is partitio
 ``engine._zero3_consolidated_16bit_state_dict()`` (what ``accelerator.get_state_dict`` gathers) through
 ``merged_state_dict``.
 
+Under ZeRO-3 the run takes a third step (the expert phase again) after a checkpoint written after the second, as
+RASATrainer writes one (``save_zero3_checkpoint``: the trained parameters taken from the consolidated state dict by
+``saving._trainable_state``, then DeepSpeed's own ``save_checkpoint``), and a second engine resumes from it as a resumed
+RASATrainer does (``resume_zero3``: the repairs attached afresh, DeepSpeed's state loaded by transformers'
+``deepspeed_load_checkpoint``, checked by ``saving._check_engine_restored``) and takes the third step; the report
+compares the checkpoint's file with the unsharded run's parameters after step 2, and the resumed run's losses and
+final merged weights with the uninterrupted run's.
+
 The Trainer cannot run FSDP on the CPU (accelerate falls back to DDP there), so this job drives the pieces the
 Trainer uses directly, in the order it uses them:
 
@@ -144,12 +152,14 @@ def _freeze_others(repairs, routers):
     return activate
 
 
-def train_steps(model, repairs, routers, my_batches, world: int, backward=None, step=None, activate=None):
-    """The expert step then the router step over ``my_batches`` (this process's micro-batches); returns the losses and
-    the routing recorded before the expert step. As RASATrainer: one AdamW with a group per phase, the inactive
-    group frozen and without gradients. ``backward(loss)``, ``step(optimizer)`` and ``activate(group)`` default to
-    torch's and plain ``requires_grad`` switches (FSDP2 and the reference); DeepSpeed passes its engine's and
-    RASATrainer's ``ParameterGroups.activate``."""
+def train_steps(model, repairs, routers, my_batches, world: int, backward=None, step=None, activate=None,
+                phases=("expert", "router"), after_step=None):
+    """One optimiser step per phase in ``phases`` over ``my_batches`` (this process's micro-batches); returns the
+    losses and the routing recorded before the first expert step. As RASATrainer: one AdamW with a group per phase,
+    the inactive group frozen and without gradients, each expert step replaying the routing recorded at its start.
+    ``backward(loss)``, ``step(optimizer)`` and ``activate(group)`` default to torch's and plain ``requires_grad``
+    switches (FSDP2 and the reference); DeepSpeed passes its engine's and RASATrainer's ``ParameterGroups.activate``.
+    ``after_step(n)`` runs after the n-th step (where a checkpoint is written)."""
     optimizer = torch.optim.AdamW([{"params": repairs}, {"params": routers}], lr=LR, weight_decay=0.0)
     backward = backward or (lambda loss: loss.backward())
     activate = activate or _freeze_others(repairs, routers)
@@ -159,31 +169,152 @@ def train_steps(model, repairs, routers, my_batches, world: int, backward=None, 
         opt.zero_grad(set_to_none=True)
 
     step = step or default_step
-    routings = [record(model, b) for b in my_batches]
-    model.train()
+    first_routings = None
     losses = {"expert": [], "router": []}
-    # expert phase: repairs trainable, routers frozen
-    activate("experts")
-    for b, routing in zip(my_batches, routings):
-        loss, _ = expert_loss(model, b, routing)
-        backward(loss * world / 2)  # the engine averages over `world` ranks; the reference sums both halves / 2
-        losses["expert"].append(float(loss.detach()))
-    step(optimizer)
-    # router phase: routers trainable, repairs frozen
-    activate("routers")
-    for b in my_batches:
-        loss = router_loss(model, b)
-        backward(loss * world / 2)
-        losses["router"].append(float(loss.detach()))
-    step(optimizer)
+    for index, phase in enumerate(phases):
+        if phase == "expert":
+            # expert phase: the routing recorded at its start replayed; repairs trainable, routers frozen
+            model.eval()
+            routings = [record(model, b) for b in my_batches]
+            first_routings = first_routings or routings
+            model.train()
+            activate("experts")
+            for b, routing in zip(my_batches, routings):
+                loss, _ = expert_loss(model, b, routing)
+                backward(loss * world / 2)  # the engine averages over `world` ranks; the reference sums halves / 2
+                losses["expert"].append(float(loss.detach()))
+        else:
+            # router phase: routers trainable, repairs frozen
+            model.train()
+            activate("routers")
+            for b in my_batches:
+                loss = router_loss(model, b)
+                backward(loss * world / 2)
+                losses["router"].append(float(loss.detach()))
+        step(optimizer)
+        if after_step is not None:
+            after_step(index + 1)
     model.eval()
-    return losses, routings
+    return losses, first_routings
 
 
-def reference(mode: str, dtype: torch.dtype = torch.bfloat16):
+def reference(mode: str, dtype: torch.dtype = torch.bfloat16, phases=("expert", "router"), after_step=None):
     model, repairs, routers = build(mode, dtype=dtype)
-    losses, routings = train_steps(model, repairs, routers, batches(), world=1)
+    losses, routings = train_steps(model, repairs, routers, batches(), world=1, phases=phases,
+                                   after_step=(lambda n: after_step(n, model, repairs, routers)) if after_step else None)
     return model, losses, routings
+
+
+CHECKPOINT_STEP = 2  # under ZeRO-3 a checkpoint is written after the router step, and the run resumed from it
+
+
+def zero3_engine(base_dir: str, config: dict, mode: str, dtype: torch.dtype, init_lora: bool = True):
+    """The model loaded and wrapped as RASATrainer's under ZeRO-3; returns the engine, the groups, whether the experts
+    were partitioned when the repairs were attached and the dtypes of the first decoder layer."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from rasa_trainer.training.param_groups import ParameterGroups, learning_rates
+
+    # while this object lives transformers reports ZeRO-3 enabled and builds models under deepspeed.zero.Init
+    # (partitioned as they are created), as from_pretrained does under Trainer with a ZeRO-3 config
+    ds_config = HfDeepSpeedConfig(config)  # noqa: F841 - deleted below, once the engine is built
+    # as RASATrainer: the groups set up by ParameterGroups (repairs attached, routers upcast, every MoE block a
+    # ZeRO-3 leaf whose input needs a gradient), Trainer's AdamW regrouped by RASA group, phases switched by
+    # ParameterGroups.activate (the inactive group takes no optimiser step)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model.config.use_cache = False
+    partitioned_at_attach = all(p.numel() == 0 for p in model.model.layers[0].mlp.experts.parameters())
+    groups = ParameterGroups(learning_rates(LR, LR))
+    groups.setup(model, "alternate", SELECTION, tuning=mode, lora_rank=4, lora_alpha=8.0)
+    if init_lora:
+        _init_lora(model, mode)
+    unit_dtypes = sorted({str(p.dtype) for p in model.model.layers[0].parameters()})
+    cls, kwargs = groups.optimizer_cls_and_kwargs(torch.optim.AdamW, {"lr": LR, "weight_decay": 0.0})
+    groups.follow(model)
+    inner = cls([{"params": [p for p in model.parameters() if p.requires_grad]}], **kwargs)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=inner, config=config)
+    del ds_config  # the reference and the reload are plain models
+    return ds_engine, groups, partitioned_at_attach, unit_dtypes
+
+
+def save_zero3_checkpoint(ds_engine, groups, folder: str, rank: int) -> dict:
+    """What RASATrainer's checkpoint writes under ZeRO-3, in Trainer's order: the consolidated state dict
+    (``save_model``: ``accelerator.get_state_dict``, every rank), RASA's trained parameters taken from it
+    (``CheckpointingMixin._save_rasa_state``, rank 0), then DeepSpeed's own state (``_save_optimizer_and_scheduler``:
+    ``engine.save_checkpoint``, every rank). Rank 0 also records that the partitions alone are refused."""
+    from rasa_trainer.training.checkpoints import TRAINABLE_FILE
+    from rasa_trainer.training.saving import _trainable_state
+    from rasa_trainer.utils import atomic_save_safetensors
+
+    full = ds_engine._zero3_consolidated_16bit_state_dict()
+    info = {}
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        try:
+            _trainable_state(ds_engine.module, groups.groups)  # no gathered state: what the save wrote before
+            info["partitions_refused"] = ""
+        except RuntimeError as err:
+            info["partitions_refused"] = str(err)
+        trainable = _trainable_state(ds_engine.module, groups.groups, full)
+        atomic_save_safetensors(trainable, os.path.join(folder, TRAINABLE_FILE))
+    ds_engine.save_checkpoint(folder)  # ends with a barrier: every rank's partition is written
+    return info
+
+
+def resume_zero3(base_dir: str, config: dict, mode: str, dtype: torch.dtype, folder: str, my_batches, world: int,
+                 phases) -> tuple[dict | None, dict]:
+    """A resumed run: a new engine on the base model with the repairs attached afresh (LoRA's B at zero, deltas at
+    zero: nothing trained), refused by RASA's check while the repairs are fresh; DeepSpeed's state loaded as Trainer
+    loads it (``deepspeed_load_checkpoint``) and checked against RASA's file as
+    ``CheckpointingMixin._load_optimizer_and_scheduler`` checks it; then the rest of the run. Returns the consolidated
+    state dict after it (rank 0) and what was seen."""
+    from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+    from rasa_trainer.training.saving import _check_engine_restored
+
+    ds_engine, groups, _, _ = zero3_engine(base_dir, config, mode, dtype, init_lora=False)
+    model = ds_engine.module
+    info = {}
+    try:
+        _check_engine_restored(model, groups.groups, folder)
+        info["resume_fresh_refused"] = ""
+    except ValueError as err:
+        info["resume_fresh_refused"] = str(err)
+    deepspeed_load_checkpoint(ds_engine, folder, load_module_strict=True)
+    _check_engine_restored(model, groups.groups, folder)  # raises if DeepSpeed restored anything else
+    info["resume_restored_checked"] = True
+    repair_params = [p for n, p in model.named_parameters() if ".rasa_repairs." in n]
+    router_params = [p for layer in moe_layers(model) for p in layer.router.parameters()]
+    losses, _ = train_steps(model, repair_params, router_params, my_batches, world=world, backward=ds_engine.backward,
+                            step=lambda _optimizer: ds_engine.step(), activate=groups.activate, phases=phases)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, losses)
+    info["resume_losses"] = {"expert": [gathered[r]["expert"][0] for r in range(world)]}
+    full = ds_engine._zero3_consolidated_16bit_state_dict()
+    return ({k: v.cpu() for k, v in full.items()} if full else None), info
+
+
+def checkpoint_report(folder: str, info: dict, ref_trainable: dict, world: int) -> dict:
+    """The checkpoint's RASA file against the unsharded run's trained parameters at the same step, and the engine
+    check of the folder (rank 0)."""
+    from safetensors.torch import load_file
+
+    from rasa_trainer.training.checkpoints import TRAINABLE_FILE, engine_problem
+
+    saved = load_file(os.path.join(folder, TRAINABLE_FILE))
+    return {
+        "checkpoint_partitions_refused": info["partitions_refused"],
+        "checkpoint_trainable_keys_equal": sorted(saved) == sorted(ref_trainable),
+        "checkpoint_trainable_shapes_equal": all(saved[k].shape == v.shape for k, v in ref_trainable.items()),
+        "checkpoint_trainable_numel": sum(t.numel() for t in saved.values()),
+        "checkpoint_trainable_max_abs_diff": max(
+            (saved[k].float() - v.float()).abs().max().item() for k, v in ref_trainable.items()),
+        "engine_problem_same": engine_problem(folder, True, world),
+        "engine_problem_other_world": engine_problem(folder, True, world + 2),
+        "engine_problem_without_deepspeed": engine_problem(folder, False, world),
+    }
 
 
 def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
@@ -209,14 +340,13 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
     dtype = torch.float32 if engine == "zero3" else torch.bfloat16
 
     backward = step = activate = None
+    phases, after_step = ("expert", "router"), None
     if engine == "zero3":
-        from transformers.integrations import HfDeepSpeedConfig
-
-        from rasa_trainer.training.param_groups import ParameterGroups, learning_rates
-
         # persistence threshold 0: every parameter is partitioned and released after use, routers and repairs too
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  # the gather on save: what the Trainer's save needs (accelerate's zero3_save_16bit_model: true)
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                        "stage3_gather_16bit_weights_on_model_save": True},
                   "gradient_clipping": 0.0,
                   # Trainer's optimiser (a subclass of its class, regrouped): transformers sets this flag the same way
                   "zero_allow_untested_optimizer": True}
@@ -225,30 +355,22 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
         if rank == 0:
             build(mode, attach=False, dtype=dtype)[0].save_pretrained(base_dir)
         dist.barrier()
-        # while this object lives transformers reports ZeRO-3 enabled and builds models under deepspeed.zero.Init
-        # (partitioned as they are created), as from_pretrained does under Trainer with a ZeRO-3 config
-        ds_config = HfDeepSpeedConfig(config)  # noqa: F841 - deleted below, once the engine is built
-        # as RASATrainer: the groups set up by ParameterGroups (repairs attached, routers upcast, every MoE block a
-        # ZeRO-3 leaf whose input needs a gradient), Trainer's AdamW regrouped by RASA group, phases switched by
-        # ParameterGroups.activate (the inactive group takes no optimiser step)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-        model.config.use_cache = False
-        partitioned_at_attach = all(p.numel() == 0 for p in model.model.layers[0].mlp.experts.parameters())
-        groups = ParameterGroups(learning_rates(LR, LR))
-        groups.setup(model, "alternate", SELECTION, tuning=mode, lora_rank=4, lora_alpha=8.0)
-        _init_lora(model, mode)
-        repairs, routers = groups.groups["experts"], groups.groups["routers"]
-        unit_dtypes = sorted({str(p.dtype) for p in model.model.layers[0].parameters()})
-        cls, kwargs = groups.optimizer_cls_and_kwargs(torch.optim.AdamW, {"lr": LR, "weight_decay": 0.0})
-        groups.follow(model)
-        inner = cls([{"params": [p for p in model.parameters() if p.requires_grad]}], **kwargs)
-        ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=inner, config=config)
-        del ds_config  # the reference and the reload below are plain models
+        ds_engine, groups, partitioned_at_attach, unit_dtypes = zero3_engine(base_dir, config, mode, dtype)
         model = ds_engine.module
         backward, activate = ds_engine.backward, groups.activate
 
         def step(_optimizer):
             ds_engine.step()
+
+        # the run goes on after a checkpoint: a third step (the expert phase again, its AdamW moments from the first)
+        # that the resumed run below must reproduce
+        phases = ("expert", "router", "expert")
+        checkpoint_dir = os.path.join(out_dir, f"checkpoint-{CHECKPOINT_STEP}")
+        checkpoint_info: dict = {}
+
+        def after_step(steps: int) -> None:
+            if steps == CHECKPOINT_STEP:
+                checkpoint_info.update(save_zero3_checkpoint(ds_engine, groups, checkpoint_dir, rank))
 
         sharded = {n: ("partitioned" if getattr(p, "ds_id", None) is not None and p.numel() == 0 else "full")
                    for n, p in model.named_parameters()}
@@ -274,7 +396,7 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
 
     my_batches = [batches()[rank]]
     losses, routings = train_steps(model, repair_params, router_params, my_batches, world=world, backward=backward,
-                                   step=step, activate=activate)
+                                   step=step, activate=activate, phases=phases, after_step=after_step)
 
     # the merged save: a collective every rank enters; rank 0 writes
     if engine == "zero3":
@@ -282,10 +404,22 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
         full = {k: v.cpu() for k, v in full.items()} if full is not None else None
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if engine == "zero3":
+        resumed_full, resumed_info = resume_zero3(base_dir, config, mode, dtype, checkpoint_dir, my_batches, world,
+                                                  phases[CHECKPOINT_STEP:])
     report = None
     if rank == 0:
         merged = merged_state_dict(model, full)
-        ref_model, ref_losses, ref_routings = reference(mode, dtype)
+        ref_trainable = {}  # the unsharded run's trained parameters after the checkpoint's step
+
+        def keep_trainable(steps, ref, ref_repairs, ref_routers):
+            from rasa_trainer.training.saving import _trainable_state
+
+            if steps == CHECKPOINT_STEP:
+                ref_trainable.update({k: v.detach().clone() for k, v in _trainable_state(
+                    ref, {"experts": ref_repairs, "routers": ref_routers}).items()})
+
+        ref_model, ref_losses, ref_routings = reference(mode, dtype, phases=phases, after_step=keep_trainable)
         ref_merged = merged_state_dict(ref_model)
     gathered_losses = [None] * world
     dist.all_gather_object(gathered_losses, losses)
@@ -339,7 +473,8 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
             "repairs_sharded": all(sharded[n] in ("DTensor", "partitioned") for n in sharded if ".rasa_repairs." in n),
             "routing_equal": [gathered_routing[r][0] == [t.tolist() for t in ref_routings[r].indices] for r in range(world)],
             "losses_fsdp": all_losses,
-            "losses_reference": {k: ref_losses[k] for k in ("expert", "router")},
+            # the first step of each phase: one loss per half of the reference batch
+            "losses_reference": {k: ref_losses[k][:world] for k in ("expert", "router")},
             "merged_keys_equal": sorted(merged) == sorted(ref_merged),
             "repair_keys_in_merged": sum(".rasa_repairs." in k for k in merged),
             "merged_max_abs_diff": max_diff, "merged_worst_key": worst,
@@ -355,6 +490,16 @@ def main(out_dir: str, mode: str, engine: str = "fsdp2") -> None:
             # differ by bf16 rounding only
             "reload_max_abs_logit_diff": (got - want).abs().max().item(),
         }
+        if engine == "zero3":
+            report.update(checkpoint_report(checkpoint_dir, checkpoint_info, ref_trainable, world))
+            resumed_merged = merged_state_dict(model, resumed_full)
+            report.update(resumed_info)
+            report["losses_reference_after_checkpoint"] = {"expert": ref_losses["expert"][world:2 * world]}
+            report["uninterrupted_losses_after_checkpoint"] = {
+                "expert": [gathered_losses[r]["expert"][1] for r in range(world)]}
+            report["resume_merged_keys_equal"] = sorted(resumed_merged) == sorted(merged)
+            report["resume_merged_max_abs_diff"] = max(
+                (resumed_merged[k].float() - v.float()).abs().max().item() for k, v in merged.items())
         with open(os.path.join(out_dir, f"{engine}_report_{mode}.json"), "w") as f:
             json.dump(report, f, indent=2)
     dist.barrier()

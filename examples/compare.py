@@ -104,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning rates of the full-SFT baseline, one column each")
     p.add_argument("--augmentation", choices=("force", "force_equal", "equal"), default="force",
                    help="rasa_augmented: the routing_augmentation family")
+    p.add_argument("--augmentation_positions", choices=("reply", "decision", "mixed", "all"), default="reply",
+                   help="rasa_augmented: routing_augmentation_positions")
     p.add_argument("--augmentation_rates", type=float, nargs="+", default=[0.5],
                    help="rasa_augmented: routing_augmentation_rate values, one column each")
     p.add_argument("--rasa_rounds", type=int, default=None, help="rounds R; every method trains 2R epochs")
@@ -115,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attack_positions", choices=("decision", "generated", "all"), default="decision",
                    help="routing attack: steer the position deciding the reply's first token (default), every reply "
                         "position, or every position")
+    p.add_argument("--also_attack_positions", nargs="+", choices=("decision", "generated", "all"), default=[],
+                   help="evaluate every trained model again with the routing attack at these positions too, each as "
+                        "its own column ('<method> @<positions> attack'): one training, several attacks")
     p.add_argument("--eval_rows", type=int, default=None,
                    help="evaluate on at most this many rows of each set, evenly spaced (default: every row)")
     p.add_argument("--quick", action="store_true",
@@ -224,19 +229,25 @@ class WorldRun:
         self.timings: dict[str, list[float]] = {}
         self.random_draws: dict[str, Any] = {}
         self.detected: SafetyCriticalExperts | None = None
+        self.extra_attacks: dict[str, SafetyReport] = {}  # --also_attack_positions: the last evaluated model's
 
-    def evaluate(self, model, diagnostics: bool = True) -> SafetyReport:
+    def evaluate(self, model, diagnostics: bool = True, positions: str | None = None) -> SafetyReport:
         from rasa_trainer.safety_world import utility_correct
 
         return evaluate_safety(model, self.tokenizer, self.eval_sets, self.judge, refusal_judge=self.judge,
                                base_model=self.base_model if diagnostics else None, utility_check=utility_correct,
                                attack_experts=self.detected, attack_margin=self.script["attack_margin"],
-                               attack_positions=self.script["attack_positions"],
+                               attack_positions=positions or self.script["attack_positions"],
                                batch_size=self.script["eval_batch_size"],
                                max_new_tokens=self.script["eval_max_new_tokens"], progress=False)
 
     def record(self, name: str, seed: int | str, report: SafetyReport, seconds: float | None = None) -> None:
         self.runs.setdefault(name, {})[f"w{self.world_seed}/s{seed}"] = report
+        for positions, extra in self.extra_attacks.items():
+            self.runs.setdefault(f"{name} @{positions} attack", {})[f"w{self.world_seed}/s{seed}"] = extra
+            logger.info("world %d %-20s seed %-2s routing attack at %s positions %5.1f%%", self.world_seed, name, seed,
+                        positions, 100 * extra.routing_attack_asr)
+        self.extra_attacks = {}
         if seconds is not None:
             self.timings.setdefault(name, []).append(seconds)
         logger.info("world %d %-20s seed %-2s ASR aligned %5.1f%%  held-out %5.1f%%  utility %5.1f%%  over-refusal "
@@ -291,13 +302,17 @@ class WorldRun:
         if "rasa_augmented" in methods:
             family = self.args.augmentation
             for rate in self.args.augmentation_rates:
-                extra = {"routing_augmentation": family, "routing_augmentation_rate": rate}
+                where = self.args.augmentation_positions
+                extra = {"routing_augmentation": family, "routing_augmentation_rate": rate,
+                         "routing_augmentation_positions": where}
                 model = train(self.base_model, self.tokenizer, self.pairs, self.settings, schedule="alternate",
                               rounds=rounds, seed=seed, selection=self.detected, extra=extra)
-                self.record(f"RASA + {family} {rate:g}", seed, *self.evaluated(model))
+                suffix = "" if where == "reply" else f" ({where})"  # reply positions: the columns' first name
+                self.record(f"RASA + {family} {rate:g}{suffix}", seed, *self.evaluated(model))
 
     def evaluated(self, trained) -> tuple[SafetyReport, float]:
         model, seconds = trained
+        self.extra_attacks = {p: self.evaluate(model, positions=p) for p in self.args.also_attack_positions}
         return self.evaluate(model), seconds
 
 
@@ -448,7 +463,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "eval_rows": args.eval_rows,
         "budget_epochs": 2 * rounds,
         "settings": {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool)) or v is None},
-        "routing_attack": {"margin": script["attack_margin"], "positions": script["attack_positions"]},
+        "routing_attack": {"margin": script["attack_margin"], "positions": script["attack_positions"],
+                           "also_positions": args.also_attack_positions},
         "full_learning_rates": args.full_learning_rates,
         "detected_experts": detected,
         "random_experts": random_draws,

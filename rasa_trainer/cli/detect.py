@@ -12,6 +12,12 @@ command resumes an interrupted run (another run's progress there is refused, nam
 The pairs follow the RASA pair contract (``prompt``, ``anchor_prompt``, optional ``attack``; see the README): a folder
 written by ``Dataset.save_to_disk``, a JSON/JSONL/CSV/Parquet file, a dataset folder, a Hub dataset, or
 ``safety_world``. Under ``torchrun`` the pairs are sharded over the ranks and every rank ends with the same selection.
+The judge takes the ``--judge_<option>`` options, e.g. a model behind an OpenAI-compatible endpoint::
+
+    rasa-trainer detect ... --judge openai --judge_base_url http://localhost:8000/v1 \\
+        --judge_model meta-llama/Llama-Guard-3-8B --judge_format llama_guard
+
+(its answers cached in ``--output_dir``/judge_cache.json unless ``--judge_cache`` says where).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..detection.policies import POLICY_NAMES
 from ..run_lock import run_lock_holder
-from .arguments import check_generation_options
+from .arguments import JudgeArguments, check_generation_options
 from .common import (
     SAFETY_WORLD,
     ModelArguments,
@@ -125,12 +131,21 @@ def check_values(args: DetectionArguments) -> None:
 
 
 
-def preflight(args: DetectionArguments, model_args: ModelArguments):
+def judge_options(args: DetectionArguments, judge_args: JudgeArguments | None) -> dict:
+    """The ``--judge_<option>`` values; the HTTP judge's answers are cached in ``--output_dir``/judge_cache.json
+    unless ``--judge_cache`` says where."""
+    options = judge_args.options() if judge_args is not None else {}
+    if args.judge == "openai" and "cache" not in options and args.output_dir:
+        options["cache"] = os.path.join(args.output_dir, "judge_cache.json")
+    return options
+
+
+def preflight(args: DetectionArguments, model_args: ModelArguments, judge_args: JudgeArguments | None = None):
     """Check the arguments and read the pairs before any model is loaded; returns the pairs."""
     check_values(args)
     torch_dtype(model_args.dtype)
     check_model(model_args.model_name_or_path)
-    check_judge(args.judge, refusal_labels=args.judge_refusal_labels)
+    check_judge(args.judge, refusal_labels=args.judge_refusal_labels, options=judge_options(args, judge_args))
     if not args.dataset_name:
         raise UsageError("--dataset_name is required: the pairs to detect on (or 'safety_world')")
     check_output_dir(args.output_dir)
@@ -165,18 +180,19 @@ def main(argv: list[str] | None = None):
     """Run ``rasa-trainer detect``; returns the :class:`~rasa_trainer.detection.selection.SafetyCriticalExperts`."""
     from ..detection.detect import detect_safety_critical_experts
 
-    args, model_args = parse((DetectionArguments, ModelArguments), argv, "rasa-trainer detect")
+    args, model_args, judge_args = parse((DetectionArguments, ModelArguments, JudgeArguments), argv,
+                                         "rasa-trainer detect")
     # as `train`: RASA's messages (a resumed detection, a lock taken over) reach the terminal, unless the
     # application has configured logging itself
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    pairs = preflight(args, model_args)
+    pairs = preflight(args, model_args, judge_args)
     device = _init_distributed()
     if args.detection_backend == "vllm":
         # vLLM holds the weights; detection needs only the model's layout (an empty skeleton on the meta device)
         model, tokenizer = load_model_skeleton(model_args)
     else:
         model, tokenizer = load_model(model_args, device=device)
-    judge = build_judge(args.judge, args.judge_refusal_labels)
+    judge = build_judge(args.judge, args.judge_refusal_labels, judge_options(args, judge_args))
     result = detect_safety_critical_experts(
         model, tokenizer, pairs, judge=judge, anchor_column=args.anchor_column, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,

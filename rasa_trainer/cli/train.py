@@ -14,6 +14,12 @@ For a real model, pass a model, your pairs (the dataset contract in the README) 
 Writes into ``--output_dir``: safety_critical_experts.json, expert_stats.csv, risk_difference.png (when it detects),
 results.json, phase_losses.png, asr_per_family.png (when it evaluates) and model/ (the merged checkpoint with its
 model card, which names the evaluated artefact).
+
+The before/after evaluation runs the plain jailbreaks and, by default, two MoE attacks (``--attacks``): the routing
+attack, steering toward the Safety-Critical Experts detected on the base model (the run's selection), and
+refusal-expert suppression, switching off ``--attack_budget`` (2) of the evaluated model's refusal experts per MoE
+layer. Judges take the ``--judge_<option>`` options (``--judge openai --judge_base_url ... --judge_model ...
+--judge_format ...``; the HTTP judge's answers are cached in ``--output_dir``/judge_cache.json).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..detection.selection import JSON_NAME as SELECTION_FILE
+from .arguments import JudgeArguments
 from .common import (
     SAFETY_WORLD,
     SAFETY_WORLD_CONFIG,
@@ -54,12 +61,19 @@ from .common import (
 
 logger = logging.getLogger("rasa")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0", "none", "")
+TRAIN_ATTACKS = ("routing", "refusal_suppression", "unsafe_steering")
+"""The MoE attacks ``--attacks`` can name (the base model's routing is ``--routing_diagnostics``)."""
+DEFAULT_TRAIN_ATTACKS = ("routing", "refusal_suppression")
+DEFAULT_ATTACK_BUDGET = 2
+"""Experts per MoE layer the profiled attacks use when ``--attack_budget`` is not given: the measured setting of the
+README's threat models (2 of SafetyWorld's 16; about 3% of a 64-expert layer such as OLMoE's)."""
 
 
 @dataclass
-class TrainScriptArguments:
-    """Data, evaluation and selection arguments of ``rasa-trainer train`` (training arguments: ``RASAConfig``; model
-    arguments: ``ModelLoadArguments``; ``trust_remote_code`` is a ``RASAConfig`` field)."""
+class TrainScriptArguments(JudgeArguments):
+    """Data, evaluation, judge and selection arguments of ``rasa-trainer train`` (training arguments: ``RASAConfig``;
+    model arguments: ``ModelLoadArguments``; ``trust_remote_code`` is a ``RASAConfig`` field). The ``--judge_<option>``
+    fields come from ``JudgeArguments`` (``options()``)."""
 
     dataset_name: str | None = field(
         default=None,
@@ -105,6 +119,25 @@ class TrainScriptArguments:
         default=True,
         metadata={"help": "Routing shift and ASR under the base model's routing (keeps a copy of the base model)."},
     )
+    attacks: str | None = field(
+        default=None,
+        metadata={"help": "MoE attacks of the before/after evaluation, comma-separated, or 'none': 'routing' (steer "
+                          "toward the Safety-Critical Experts detected on the base model, at the decision position), "
+                          "'refusal_suppression' (switch off the evaluated model's --attack_budget top refusal "
+                          "experts; needs 'anchors' in the evaluation sets), 'unsafe_steering' (steer the jailbreaks "
+                          "toward its compliance experts). Default: routing and refusal_suppression, each where it can "
+                          "run (a selection; anchors; softmax routers; a log line names the others); results.json "
+                          "lists the attacks run."},
+    )
+    attack_budget: int | None = field(
+        default=None,
+        metadata={"help": f"Experts that refusal_suppression switches off and unsafe_steering steers toward, per MoE "
+                          f"layer (or in total with --attack_budget_scope total). Default: {DEFAULT_ATTACK_BUDGET} per "
+                          "layer."},
+    )
+    attack_budget_scope: str = field(
+        default="per_layer", metadata={"help": "'per_layer' or 'total': how --attack_budget counts experts."}
+    )
 
 
 @dataclass
@@ -117,6 +150,8 @@ class Inputs:
     selection: Any
     resume: str | None
     retain: Any = None
+    judge_options: dict[str, Any] = field(default_factory=dict)
+    attacks: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -256,9 +291,16 @@ def check_resumed_model(resume: str | None, model, tokenizer, args) -> None:
 def check_values(script_args: TrainScriptArguments, args) -> None:
     """Ranges of the numeric arguments, before anything is loaded (``RASAConfig`` checks its own fields; a threshold
     of 1 passes there but can select nothing, since experts need RD > threshold)."""
+    from ..evaluation.attacks import BUDGET_SCOPES
+
     check_threshold("--sce_threshold", args.sce_threshold)
     check_at_least("--eval_batch_size", script_args.eval_batch_size, 1)
     check_at_least("--eval_max_new_tokens", script_args.eval_max_new_tokens, 1)
+    check_at_least("--attack_budget", script_args.attack_budget, 1)
+    if script_args.attack_budget_scope not in BUDGET_SCOPES:
+        raise UsageError(f"--attack_budget_scope {script_args.attack_budget_scope}: expected one of "
+                         f"{list(BUDGET_SCOPES)}")
+    _attack_list(script_args)
 
 
 def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments) -> Inputs:
@@ -266,8 +308,9 @@ def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArgu
     check_values(script_args, args)
     torch_dtype(model_args.dtype)
     check_model(model_args.model_name_or_path or SAFETY_WORLD)
+    options = judge_options(script_args, args)
     check_judges([("--judge", script_args.judge), ("--detection_judge", args.detection_judge)],
-                 script_args.judge_refusal_labels)
+                 script_args.judge_refusal_labels, options)
     check_output_dir(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_run_folder(args, resume)
@@ -277,8 +320,87 @@ def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArgu
     pairs = _pairs(script_args, args)
     check_resumed_run(resume, args, pairs, selection)
     world_data = script_args.dataset_name in (None, SAFETY_WORLD)
-    return Inputs(pairs, _suite(script_args, world_data), args.detection_judge, selection, resume,
-                  _retain(script_args, args))
+    suite = _suite(script_args, world_data, options)
+    has_selection = selection is not None or args.rasa_schedule in ("alternate", "expert_only")
+    attacks = resolve_attacks(script_args, suite, has_selection)
+    return Inputs(pairs, suite, args.detection_judge, selection, resume, _retain(script_args, args),
+                  judge_options=options, attacks=attacks)
+
+
+def judge_options(script_args: TrainScriptArguments, args) -> dict[str, Any]:
+    """The ``--judge_<option>`` values; with the HTTP judge (``--judge openai`` or ``--detection_judge openai``) its
+    answers are cached in ``--output_dir``/judge_cache.json unless ``--judge_cache`` says where."""
+    options = script_args.options()
+    if "openai" in (script_args.judge, args.detection_judge) and "cache" not in options:
+        options["cache"] = os.path.join(args.output_dir, "judge_cache.json")
+    return options
+
+
+def _attack_list(script_args: TrainScriptArguments) -> tuple[str, ...] | None:
+    """``--attacks`` as names, checked (None: not given, the default)."""
+    value = script_args.attacks
+    if value is None:
+        return None
+    if str(value).strip().lower() in FALSE_WORDS:
+        return ()
+    names = tuple(dict.fromkeys(name.strip() for name in str(value).split(",") if name.strip()))
+    unknown = [name for name in names if name not in TRAIN_ATTACKS]
+    if unknown:
+        hint = " (the base model's routing is --routing_diagnostics)" if "base" in unknown else ""
+        raise UsageError(f"--attacks {value}: unknown attack(s) {unknown}{hint}; expected a comma-separated list of "
+                         f"{', '.join(TRAIN_ATTACKS)}, or none")
+    return names
+
+
+def _attack_needs(name: str, sets: dict, has_selection: bool) -> list[str]:
+    """What the attack ``name`` lacks to run on these evaluation sets (empty: it can run)."""
+    from ..evaluation.attacks import PROFILED_ATTACKS
+
+    missing = []
+    if name == "routing" and not has_selection:
+        missing.append("the Safety-Critical Experts of the base model (--rasa_schedule router_only and full detect "
+                       "none: give --safety_critical_experts)")
+    if name != "refusal_suppression" and not sets.get("attacks"):
+        missing.append("the 'attacks' evaluation set (the jailbreaks it reports ASR on)")
+    if name in PROFILED_ATTACKS and not sets.get("anchors"):
+        missing.append("the 'anchors' evaluation set (the plain harmful requests whose refusals are profiled)")
+    return missing
+
+
+def resolve_attacks(script_args: TrainScriptArguments, suite: EvalSuite | None,
+                    has_selection: bool) -> tuple[str, ...]:
+    """The MoE attacks of the before/after evaluation, before any model loads: those ``--attacks`` names, each with
+    what it needs, or by default those of ``routing`` and ``refusal_suppression`` that can run (the others named in a
+    log line). An attack option without an evaluation, or a budget no attack uses, is an error (never ignored)."""
+    from ..evaluation.attacks import PROFILED_ATTACKS
+
+    asked = _attack_list(script_args)
+    budget_given = script_args.attack_budget is not None or script_args.attack_budget_scope != "per_layer"
+    if suite is None or script_args.skip_eval:
+        if asked or budget_given:
+            why = "--skip_eval is set" if script_args.skip_eval else "there are no evaluation sets (--eval_sets)"
+            raise UsageError(f"--attacks / --attack_budget: the attacks are part of the before/after evaluation, and "
+                             f"{why}; drop them or evaluate")
+        return ()
+    if asked is None:
+        chosen = []
+        for name in DEFAULT_TRAIN_ATTACKS:
+            missing = _attack_needs(name, suite.sets, has_selection)
+            if missing:
+                logger.info("evaluation: the %s attack does not run: it needs %s", name, " and ".join(missing))
+            else:
+                chosen.append(name)
+    else:
+        for name in asked:
+            missing = _attack_needs(name, suite.sets, has_selection)
+            if missing:
+                raise UsageError(f"--attacks {name} needs {' and '.join(missing)}")
+        chosen = list(asked)
+    if budget_given and not any(name in PROFILED_ATTACKS for name in chosen):
+        raise UsageError(f"--attack_budget / --attack_budget_scope: no attack that uses a budget runs (attacks: "
+                         f"{', '.join(chosen) or 'none'}); add refusal_suppression or unsafe_steering to --attacks "
+                         "(refusal_suppression needs 'anchors' in the evaluation sets), or drop the option")
+    return tuple(chosen)
 
 
 def _check_detection_backend(args) -> None:
@@ -331,27 +453,72 @@ def _pairs(script_args: TrainScriptArguments, args):
                       split=script_args.dataset_train_split, config=script_args.dataset_config)
 
 
-def _suite(script_args: TrainScriptArguments, world_data: bool) -> EvalSuite | None:
+def _suite(script_args: TrainScriptArguments, world_data: bool, options: dict[str, Any]) -> EvalSuite | None:
     name = script_args.eval_sets or (SAFETY_WORLD if world_data else None)
     if name is None:
         return None
     sets = load_eval_sets(name, world_seed=script_args.world_seed)
     return eval_suite(name, sets, script_args.judge or (SAFETY_WORLD if world_data else None),
-                      script_args.judge_refusal_labels)
+                      script_args.judge_refusal_labels, options)
 
 
 # ------------------------------------------------------------------------------------------------ steps
 
 
 def evaluate(model, tokenizer, suite: EvalSuite, script_args: TrainScriptArguments, base_model=None,
-             chat_template_kwargs=None):
+             chat_template_kwargs=None, attacks: tuple[str, ...] = (), selection=None):
+    """Evaluate ``model`` on the suite: plain jailbreaks, the base model's routing (with ``base_model``) and the MoE
+    ``attacks`` (the routing attack steers toward ``selection``, the Safety-Critical Experts of the base model)."""
+    from ..evaluation.attacks import PROFILED_ATTACKS
     from ..evaluation.evaluate import evaluate_safety
 
+    profiled = any(name in PROFILED_ATTACKS for name in attacks)
+    # the base model's routing is generated on the jailbreaks: a suite without them gets the routing shift alone
+    base = ["base"] if base_model is not None and suite.sets.get("attacks") else []
     return evaluate_safety(
         model, tokenizer, suite.sets, suite.judge, refusal_judge=suite.refusal_judge, base_model=base_model,
         utility_check=suite.utility_check, batch_size=script_args.eval_batch_size,
         max_new_tokens=script_args.eval_max_new_tokens, chat_template_kwargs=chat_template_kwargs,
+        attacks=base + list(attacks),
+        attack_experts=selection if "routing" in attacks else None,
+        attack_budget=_budget(script_args) if profiled else None, attack_budget_scope=script_args.attack_budget_scope,
     )
+
+
+def _budget(script_args: TrainScriptArguments) -> int:
+    return DEFAULT_ATTACK_BUDGET if script_args.attack_budget is None else script_args.attack_budget
+
+
+def check_attacks_on_model(model, inputs: Inputs, script_args: TrainScriptArguments) -> tuple[str, ...]:
+    """The attacks checked against the loaded model before anything is generated (detection included): routers the
+    attacks can steer, the budget within each attack's per-layer limits, a given selection that fits the model. An
+    attack asked for by ``--attacks`` that the model cannot take is an error; one of the default attacks is left out
+    with a warning (e.g. sigmoid routers, which the steering does not support)."""
+    from ..evaluation.attacks import PROFILED_ATTACKS, as_budget, check_attacks
+    from ..evaluation.steering import _check_rule, steering_mask
+    from ..moe.discovery import moe_layers
+
+    kept = []
+    for name in inputs.attacks:
+        try:
+            if name == "routing":
+                for layer in moe_layers(model):
+                    _check_rule(layer)
+                if inputs.selection is not None:
+                    steering_mask(model, inputs.selection)
+            else:
+                check_attacks(model, [name], inputs.suite.sets, base_model=False, attack_experts=False,
+                              budget=as_budget(_budget(script_args), script_args.attack_budget_scope))
+        except NotImplementedError as err:
+            if script_args.attacks is not None:
+                raise UsageError(f"--attacks {name}: {err}") from err
+            logger.warning("evaluation: the %s attack does not run on this model: %s", name, err)
+            continue
+        except ValueError as err:
+            flag = "--attack_budget" if name in PROFILED_ATTACKS else "--safety_critical_experts"
+            raise UsageError(f"--attacks {name}: {err} ({flag})") from err
+        kept.append(name)
+    return tuple(kept)
 
 
 def detect(model, tokenizer, pairs, judge, args, is_main: bool):
@@ -383,19 +550,22 @@ def release_training_memory(trainer) -> None:
 
 
 def evaluate_saved(model_dir: str, device, suite: EvalSuite, script_args: TrainScriptArguments, base_model,
-                   trust_remote_code: bool = False, chat_template_kwargs=None):
-    """Reload the published checkpoint from disk in the dtype it was saved in and evaluate that model."""
+                   trust_remote_code: bool = False, chat_template_kwargs=None, attacks: tuple[str, ...] = (),
+                   selection=None):
+    """Reload the published checkpoint from disk in the dtype it was saved in and evaluate that model (the routing
+    attack steers it toward ``selection``, the base model's Safety-Critical Experts)."""
     logger.info("evaluating the saved checkpoint %s", model_dir)
     model, tokenizer = load_model(ModelLoadArguments(model_name_or_path=model_dir, dtype="auto"), device=device,
                                   trust_remote_code=trust_remote_code)
-    report = evaluate(model, tokenizer, suite, script_args, base_model, chat_template_kwargs)
+    report = evaluate(model, tokenizer, suite, script_args, base_model, chat_template_kwargs, attacks, selection)
     return report, {"path": os.path.abspath(model_dir), "dtype": dtype_name(model)}
 
 
 def card_results(report, artifact: dict[str, str]) -> dict[str, Any]:
-    metrics = {k: v for k, v in report.metrics().items() if v is not None}
-    metrics["evaluated_artifact"] = f"this checkpoint as published, reloaded from disk in {artifact['dtype']}"
-    return metrics
+    """The model card's evaluation: the report (every rate with its n and 95% interval, the judges, the files) as
+    JSON-ready data, since the trainer keeps it as ``evaluation_results``, and the evaluated artefact."""
+    return {"report": report.to_dict(),
+            "evaluated_artifact": f"this checkpoint as published, reloaded from disk in {artifact['dtype']}"}
 
 
 def write_results(results: dict, trainer, output_dir: str) -> None:
@@ -406,8 +576,9 @@ def write_results(results: dict, trainer, output_dir: str) -> None:
     atomic_write_json(results, os.path.join(output_dir, "results.json"))
     plot_phase_losses(trainer.state.log_history, os.path.join(output_dir, "phase_losses.png"))
     if results["after"] is not None and results["before"] is not None:
-        plot_asr(results["before"]["asr_by_attack"], results["after"]["asr_by_attack"],
-                 os.path.join(output_dir, "asr_per_family.png"), held_out=results["after"]["held_out_attacks"])
+        before, after = results["before"], results["after"]
+        plot_asr(before["asr_by_attack"], after["asr_by_attack"], os.path.join(output_dir, "asr_per_family.png"),
+                 held_out=after["held_out_attacks"], n_before=before["n_by_attack"], n_after=after["n_by_attack"])
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -431,14 +602,21 @@ def run(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments,
                                   trust_remote_code=args.trust_remote_code)
     check_resumed_model(inputs.resume, model, tokenizer, args)
     evaluating = inputs.suite is not None and not script_args.skip_eval
+    if evaluating:
+        inputs.attacks = check_attacks_on_model(model, inputs, script_args)
     base_model = copy.deepcopy(model) if evaluating and script_args.routing_diagnostics else None
+    # the experts first: the base model's evaluation attacks it with them (the routing attack)
+    selection = select_experts(model, tokenizer, inputs, script_args, args, state.is_main_process)
+    if "routing" in inputs.attacks and selection is not None and not len(selection):
+        _drop_routing_attack(inputs, script_args)
     before = None
     if evaluating and state.is_main_process:
         logger.info("evaluating the base model on %s", args.device)
-        before = evaluate(model, tokenizer, inputs.suite, script_args, chat_template_kwargs=args.chat_template_kwargs)
+        before = evaluate(model, tokenizer, inputs.suite, script_args, chat_template_kwargs=args.chat_template_kwargs,
+                          attacks=inputs.attacks, selection=selection)
     state.wait_for_everyone()
 
-    trainer = train(model, tokenizer, inputs, script_args, args, state.is_main_process)
+    trainer = train(model, tokenizer, inputs, selection, args)
     model_dir = os.path.join(args.output_dir, "model")
     trainer.save_model(model_dir)
     results = None
@@ -450,15 +628,27 @@ def run(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments,
     return results
 
 
-def train(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, args, is_main: bool):
-    """Detect the Safety-Critical Experts unless a selection was given (or resumed), then train; returns the
-    trainer."""
+def select_experts(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, args, is_main: bool):
+    """The Safety-Critical Experts of the base model: the selection given (or resumed), else detected when the
+    schedule trains experts; None for the schedules that train none."""
+    if inputs.selection is not None or args.rasa_schedule not in ("alternate", "expert_only"):
+        return inputs.selection
+    judge = build_judge(inputs.detection_judge, script_args.judge_refusal_labels, inputs.judge_options)
+    return detect(model, tokenizer, inputs.pairs, judge, args, is_main)
+
+
+def _drop_routing_attack(inputs: Inputs, script_args: TrainScriptArguments) -> None:
+    """Detection selected no expert: the routing attack has nothing to steer toward (an error when asked for)."""
+    if script_args.attacks is not None:
+        raise UsageError("--attacks routing: the selection holds no Safety-Critical Expert to steer toward")
+    logger.warning("evaluation: the routing attack does not run: the selection holds no expert")
+    inputs.attacks = tuple(name for name in inputs.attacks if name != "routing")
+
+
+def train(model, tokenizer, inputs: Inputs, selection, args):
+    """Train on the pairs with ``selection`` (see :func:`select_experts`); returns the trainer."""
     from ..training.trainer import RASATrainer
 
-    selection = inputs.selection
-    if selection is None and args.rasa_schedule in ("alternate", "expert_only"):
-        judge = build_judge(inputs.detection_judge, script_args.judge_refusal_labels)
-        selection = detect(model, tokenizer, inputs.pairs, judge, args, is_main)
     trainer = RASATrainer(model, args=args, train_dataset=inputs.pairs, processing_class=tokenizer,
                           safety_critical_experts=selection, retain_dataset=inputs.retain)
     trainer.train(resume_from_checkpoint=inputs.resume)
@@ -473,11 +663,12 @@ def publish(trainer, model_dir: str, before, base_model, inputs: Inputs, script_
 
     selection = trainer.selection
     results = {"before": before.to_dict() if before else None, "after": None, "evaluated_artifact": None,
-               "selection": selection.by_moe_layer() if selection is not None else None}
+               "selection": selection.by_moe_layer() if selection is not None else None,
+               "attacks": list(inputs.attacks) if before is not None else None}
     if before is not None:
         release_training_memory(trainer)
         after, artifact = evaluate_saved(model_dir, args.device, inputs.suite, script_args, base_model,
-                                         args.trust_remote_code, args.chat_template_kwargs)
+                                         args.trust_remote_code, args.chat_template_kwargs, inputs.attacks, selection)
         results.update(after=after.to_dict(), evaluated_artifact=artifact)
         trainer.evaluation_results = card_results(after, artifact)
         trainer.create_model_card(model_name=os.path.basename(os.path.abspath(model_dir)), output_dir=model_dir,

@@ -230,10 +230,13 @@ class ExpertProfile:
 
 
 def profile_experts(model: nn.Module, tokenizer: Any, sets: Mapping[str, Sequence[Mapping[str, Any]]], judge: Judge, *,
-                    batch_size: int = 8, max_new_tokens: int = 32, progress: bool = True) -> ExpertProfile:
+                    batch_size: int = 8, max_new_tokens: int = 32, progress: bool = True,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> ExpertProfile:
     """Profile ``model``'s experts on its refusals (see the module docstring): greedy replies to the ``anchors``,
     ``attacks`` and ``over_refusal`` rows present in ``sets``, with the routing of their generated tokens, judged by
-    ``judge`` (through :func:`~rasa_trainer.judges.run_judge`: a failing judge raises)."""
+    ``judge`` (through :func:`~rasa_trainer.judges.run_judge`: a failing judge raises). ``chat_template_kwargs``
+    (e.g. ``{"enable_thinking": False}``) render the prompts as the evaluation renders them, so the profile is of the
+    replies the attack is then scored on."""
     if not sets.get("anchors"):
         raise ValueError("profiling needs the 'anchors' set (plain harmful requests)")
     layers = moe_layers(model)
@@ -242,7 +245,8 @@ def profile_experts(model: nn.Module, tokenizer: Any, sets: Mapping[str, Sequenc
     for name in (n for n in _PROFILE_SETS if sets.get(n)):
         prompts = [as_messages(row["prompt"]) for row in sets[name]]
         batches = generate_replies(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   with_routing=True, progress=progress, desc=f"profiling experts: {name}")
+                                   with_routing=True, progress=progress, desc=f"profiling experts: {name}",
+                                   chat_template_kwargs=chat_template_kwargs)
         contrast[name] = 0
         for batch in batches:
             refused = run_judge(judge, [prompts[i] for i in batch.rows], batch.replies)

@@ -417,7 +417,7 @@ def format_comparison(reports: Mapping[str, SafetyReport], per_family: bool = Tr
     per_report = [{key: (label, value, n) for key, label, value, n in _metric_rows(r)} for r in reports.values()]
     rates = [r.rates() for r in reports.values()]
     marked = False
-    keys = list(dict.fromkeys(key for rows in per_report for key in rows))
+    keys = _merged_order(per_report)
     lines = []
     for key in keys:
         cells = [rows.get(key) for rows in per_report]
@@ -439,6 +439,20 @@ def format_comparison(reports: Mapping[str, SafetyReport], per_family: bool = Tr
         note += (f"; * the change from {names[0]!r} is outside the intervals (Newcombe's 95% interval of the difference "
                  "excludes 0)")
     return f"{table}\n({note})"
+
+
+def _merged_order(per_report: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys of every report in table order: a key only a later report has goes right after the key that precedes
+    it there (the after-only per-family rows of the routing shift stay under the routing shift, not below the
+    attacks)."""
+    keys: list[str] = []
+    for rows in per_report:
+        previous = None
+        for key in rows:
+            if key not in keys:
+                keys.insert(0 if previous is None else keys.index(previous) + 1, key)
+            previous = key
+    return keys
 
 
 def _render_table(header: list[str], lines: list[list[str]]) -> str:
@@ -597,7 +611,8 @@ def evaluate_safety(
             _evaluate_routing_attack(report, model, sets["attacks"], judge, attack, generate_hf)
     if any(a in chosen for a in ("refusal_suppression", "unsafe_steering")):
         _evaluate_profiled_attacks(report, model, tokenizer, sets, judge, chosen, budget, attack_margin,
-                                   attack_positions, generate_hf, batch_size, max_new_tokens, progress)
+                                   attack_positions, generate_hf, batch_size, max_new_tokens, progress,
+                                   chat_template_kwargs=template)
     if "anchors" in sets:
         prompts = _prompts(sets["anchors"])
         replies = report.replies["anchors"] = generate(prompts, "anchors")
@@ -705,11 +720,13 @@ def _evaluate_routing_attack(report: SafetyReport, model: nn.Module, rows: list[
 
 def _evaluate_profiled_attacks(report: SafetyReport, model: nn.Module, tokenizer: Any, sets, judge: Judge,
                                chosen: Sequence[str], budget: AttackBudget, margin: float, positions: str, generate,
-                               batch_size: int, max_new_tokens: int, progress: bool) -> None:
-    """Refusal-expert suppression and unsafe steering: profile the evaluated model once, then run each asked-for
-    attack with the experts its budget allows (see :mod:`~rasa_trainer.evaluation.attacks`)."""
+                               batch_size: int, max_new_tokens: int, progress: bool,
+                               chat_template_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Refusal-expert suppression and unsafe steering: profile the evaluated model once (its prompts rendered with
+    the evaluation's ``chat_template_kwargs``), then run each asked-for attack with the experts its budget allows (see
+    :mod:`~rasa_trainer.evaluation.attacks`)."""
     profile = profile_experts(model, tokenizer, sets, judge, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              progress=progress)
+                              progress=progress, chat_template_kwargs=chat_template_kwargs)
     unusable = profile.usable()
     for name in (a for a in ("refusal_suppression", "unsafe_steering") if a in chosen):
         settings = {"budget": budget.to_dict(), "profile": profile.to_dict()}

@@ -302,6 +302,10 @@ def test_journey_trains_from_a_local_folder_and_evaluates_what_it_saved(journey)
     assert "| evaluated_artifact | this checkpoint as published, reloaded from disk in bfloat16 |" in card
     # the retain rows of a user's file took part, with the weight given on the command line
     assert "| retain rows | 32 |" in card and "| retain_loss_weight | 2.0 |" in card
+    # the default MoE attacks: the routing attack steers toward the experts `detect` found on the base model
+    assert results["attacks"] == ["routing", "refusal_suppression"]
+    assert results["after"]["routing_attack"]["experts"] == 8 and results["after"]["refusal_suppression"]["budget"] == \
+        {"experts": 2, "scope": "per_layer"}
     evaluated = json.loads((work / "run" / "model" / "results.json").read_text())
     assert evaluated["evaluated_artifact"] == results["evaluated_artifact"]
     report = evaluated["report"]

@@ -62,6 +62,34 @@ def test_the_saved_checkpoint_is_what_was_evaluated(job):
     assert "| evaluated_artifact | this checkpoint as published, reloaded from disk in float32 |" in card
     assert f"| asr_aligned | {round(results['after']['asr_aligned'], 4)} |" in card
     assert "RASA (saved)" in stdout
+    # the card's rate table: every rate with its n and 95% Wilson interval, as results.json has them
+    assert "| metric | value | n | 95% interval |" in card
+    for key in ("asr_aligned", "routing_attack_asr", "refusal_suppression_asr"):
+        rate = results["after"]["intervals"][key]
+        low, high = rate["ci95"]
+        assert f"| {key} | {round(rate['value'], 4)} | {rate['n']} | [{round(low, 4)}, {round(high, 4)}] |" in card
+
+
+def test_the_demo_reports_the_moe_attacks(job):
+    """Issue #25 item 4: the routing attack with the experts detected on the base model, and refusal-expert
+    suppression at the default budget (2 per MoE layer), before and after, in results.json and the printed table."""
+    out, stdout = job
+    results = json.loads((out / "results.json").read_text())
+    assert results["attacks"] == ["routing", "refusal_suppression"]
+    detected = json.loads((out / "safety_critical_experts.json").read_text())["num_selected"]
+    for side in ("before", "after"):
+        report = results[side]
+        assert report["routing_attack"] == {"experts": detected, "margin": 0.01, "positions": "decision"}
+        assert report["intervals"]["routing_attack_asr"]["n"] == 224
+        suppression = report["refusal_suppression"]
+        assert suppression["budget"] == {"experts": 2, "scope": "per_layer"} and "skipped" not in suppression
+        switched_off = suppression["switched_off"]
+        assert 1 <= suppression["experts"] == len(switched_off) <= 8
+        assert all(sum(layer == m for m, _ in switched_off) <= 2 for layer in range(4))  # the budget, per layer
+        assert report["refusal_suppression_asr"] is not None and report["refusal_suppression_anchor_asr"] is not None
+    # the base model follows every jailbreak, steered or not
+    assert results["before"]["routing_attack_asr"] == 1.0 and results["before"]["refusal_suppression_asr"] == 1.0
+    assert "ASR under routing attack, aligned" in stdout and "ASR under refusal-expert suppression, aligned" in stdout
 
 
 def test_published_model_reloads(job):

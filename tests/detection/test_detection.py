@@ -491,7 +491,7 @@ def test_detect_subcommand_with_yaml_config(model, tokenizer, tmp_path, monkeypa
     # the keyword judge finds no refusal in a random model's replies: the command must fail loudly, with counts
     with pytest.raises(EmptySelectionError, match="no pair survived"):
         command.main(argv)
-    monkeypatch.setattr(command, "build_judge", lambda name, labels=None: MarkerJudge())
+    monkeypatch.setattr(command, "build_judge", lambda name, labels=None, options=None: MarkerJudge())
     # the failed run kept its statistics, judged by the keyword judge: another judge cannot resume them
     with pytest.raises(DetectionProgressError, match=r"judge: partial detection 'keyword' .*, now 'marker'"):
         command.main(argv)

@@ -257,7 +257,7 @@ def run_command(argv: list[str], monkeypatch) -> tuple:
         return model, tokenizer
 
     monkeypatch.setattr(command, "load_model", counting_load_model)
-    monkeypatch.setattr(command, "build_judge", lambda name, labels=None: MarkerJudge())
+    monkeypatch.setattr(command, "build_judge", lambda name, labels=None, options=None: MarkerJudge())
     return command.main(argv), counter["generate"]
 
 

@@ -29,7 +29,7 @@ def main() -> int:
     install(options.fault, options.occurrence)
     from rasa_trainer.cli import detect as command
 
-    command.build_judge = lambda name, labels=None: MarkerJudge()
+    command.build_judge = lambda name, labels=None, options=None: MarkerJudge()
     command.main(argv)
     return 0
 

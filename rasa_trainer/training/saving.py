@@ -45,10 +45,11 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..moe.discovery import unwrap_model
@@ -436,11 +437,9 @@ def _check_engine_restored(model: torch.nn.Module, groups: dict[str, list], fold
     named = {id(p): n for n, p in model.named_parameters()}
     if not os.path.isfile(path):
         raise ValueError(f"{path} is missing: not a complete RASATrainer checkpoint")
-    try:
+    with _named_corruption(path):
         saved = safe_open(path, "pt")
         keys = set(saved.keys())
-    except Exception as err:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"cannot read {path} ({err}); the checkpoint is corrupt: resume from another one") from err
     differences: list[str] = []
     for params in groups.values():
         for p in params:  # one parameter gathered at a time: never all repairs in full at once
@@ -486,10 +485,18 @@ def _zero3_save_problem(config: dict) -> str | None:
 
 
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
-    try:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: not a complete RASATrainer checkpoint")
+    with _named_corruption(path):
         return load_file(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing: not a complete RASATrainer checkpoint") from None
-    except Exception as err:  # safetensors raises its own error types for truncated files
+
+
+@contextlib.contextmanager
+def _named_corruption(path: str) -> Iterator[None]:
+    """A truncated or unreadable checkpoint file (safetensors' ``SafetensorError``, or the OS's) becomes an error
+    naming the file and what to do."""
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read {path} ({err}); the checkpoint is corrupt: resume from another one") from err
 

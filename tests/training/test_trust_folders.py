@@ -174,6 +174,27 @@ def test_only_process_zero_holds_the_lock(tmp_path, other_run, monkeypatch):
     assert trainer._run_lock is None
 
 
+def test_only_the_launchs_process_zero_refuses_before_loading(tmp_path, other_run, monkeypatch):
+    """Under a launcher, process 0 may take the lock before the other ranks have finished their checks: they must not
+    take their own process 0's lock for another run's (CI saw rank 1 exit with status 2 that way). Process 0 looks and
+    refuses for the launch; the others leave it to process 0."""
+    from types import SimpleNamespace
+
+    from rasa_trainer.cli.common import UsageError
+    from rasa_trainer.cli.train import check_run_folder
+    from rasa_trainer.run_lock import run_lock_holder
+
+    out, holder = other_run
+    args = SimpleNamespace(output_dir=str(out), overwrite_output_dir=False)
+    monkeypatch.setenv("RANK", "1")
+    assert run_lock_holder(str(out)) is None
+    check_run_folder(args, None)
+    monkeypatch.setenv("RANK", "0")
+    assert f"pid {holder.pid}" in run_lock_holder(str(out))
+    with pytest.raises(UsageError, match=f"is in use by another run \\(pid {holder.pid} "):
+        check_run_folder(args, None)
+
+
 def test_lock_is_held_during_the_run_and_gone_after_it_even_after_an_error(tmp_path):
     from transformers import TrainerCallback
 

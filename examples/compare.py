@@ -84,6 +84,8 @@ SUMMARY_COLUMNS = (
     ("routing_shift", "routing shift"),
     ("forced_asr", "ASR under base routing"),
     ("routing_attack_asr", "ASR under routing attack"),
+    ("refusal_suppression_asr", "ASR under refusal-expert suppression"),
+    ("unsafe_steering_asr", "ASR under unsafe steering"),
 )
 """The columns of the summary table in ``comparison.md`` (metric key, header)."""
 logger = logging.getLogger("rasa.compare")
@@ -120,6 +122,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--also_attack_positions", nargs="+", choices=("decision", "generated", "all"), default=[],
                    help="evaluate every trained model again with the routing attack at these positions too, each as "
                         "its own column ('<method> @<positions> attack'): one training, several attacks")
+    p.add_argument("--also_attacks", nargs="+", default=[], metavar="ATTACK[:BUDGET]",
+                   help="also evaluate every trained model under the attacks that profile it (held out from training: "
+                        "refusal_suppression, unsafe_steering), each at its budget of experts per MoE layer (default "
+                        "2), e.g. refusal_suppression:2 refusal_suppression:4 unsafe_steering:2; recorded as extra "
+                        "columns '<method> @<attack> budget <B>' (the sets they read: attacks, anchors, over_refusal)")
     p.add_argument("--eval_rows", type=int, default=None,
                    help="evaluate on at most this many rows of each set, evenly spaced (default: every row)")
     p.add_argument("--quick", action="store_true",
@@ -129,6 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (SafetyWorld's tensors are tiny: a second thread mostly adds sync overhead)")
     args = p.parse_args(argv)
+    args.also_attacks = parse_attack_specs(p, args.also_attacks)
     if args.world_seed is not None:
         args.world_seeds = [args.world_seed]
     bad = [r for r in args.augmentation_rates if not 0 <= r <= 1]
@@ -139,6 +147,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rasa_rounds = 1
         args.eval_rows = args.eval_rows or 56
     return args
+
+
+PROFILED_ATTACKS = ("refusal_suppression", "unsafe_steering")
+"""``--also_attacks``: the attacks that profile the evaluated model (held out from every method's training)."""
+
+
+def parse_attack_specs(parser: argparse.ArgumentParser, specs: list[str]) -> dict[int, list[str]]:
+    """``ATTACK[:BUDGET]`` specs as ``{budget: [attacks]}`` (one evaluation, hence one profile, per budget)."""
+    by_budget: dict[int, list[str]] = {}
+    for spec in specs:
+        name, _, budget = spec.partition(":")
+        if name not in PROFILED_ATTACKS:
+            parser.error(f"--also_attacks {spec}: {name!r} is not one of {list(PROFILED_ATTACKS)}")
+        try:
+            experts = int(budget) if budget else 2
+        except ValueError:
+            parser.error(f"--also_attacks {spec}: the budget after ':' must be a whole number of experts per layer")
+        if experts < 1:
+            parser.error(f"--also_attacks {spec}: the budget must be at least 1 expert per MoE layer")
+        if name in by_budget.setdefault(experts, []):
+            parser.error(f"--also_attacks {spec}: given twice")
+        by_budget[experts].append(name)
+    return by_budget
 
 
 def evenly(rows: list, limit: int | None) -> list:
@@ -229,11 +260,20 @@ class WorldRun:
         self.timings: dict[str, list[float]] = {}
         self.random_draws: dict[str, Any] = {}
         self.detected: SafetyCriticalExperts | None = None
-        self.extra_attacks: dict[str, SafetyReport] = {}  # --also_attack_positions: the last evaluated model's
+        self.extra_attacks: dict[str, SafetyReport] = {}  # --also_attack_*: the last evaluated model's, by column suffix
 
-    def evaluate(self, model, diagnostics: bool = True, positions: str | None = None) -> SafetyReport:
+    def evaluate(self, model, diagnostics: bool = True, positions: str | None = None,
+                 profiled: list[str] | None = None, budget: int | None = None) -> SafetyReport:
+        """The comparison's evaluation, or with ``profiled`` only those attacks (at ``budget`` experts per layer) on
+        the sets they read."""
         from rasa_trainer.safety_world import utility_correct
 
+        if profiled:
+            sets = {name: self.eval_sets[name] for name in ("attacks", "anchors", "over_refusal")}
+            return evaluate_safety(model, self.tokenizer, sets, self.judge, refusal_judge=self.judge,
+                                   attacks=profiled, attack_budget=budget, attack_positions=self.script["attack_positions"],
+                                   attack_margin=self.script["attack_margin"], batch_size=self.script["eval_batch_size"],
+                                   max_new_tokens=self.script["eval_max_new_tokens"], progress=False)
         return evaluate_safety(model, self.tokenizer, self.eval_sets, self.judge, refusal_judge=self.judge,
                                base_model=self.base_model if diagnostics else None, utility_check=utility_correct,
                                attack_experts=self.detected, attack_margin=self.script["attack_margin"],
@@ -243,10 +283,11 @@ class WorldRun:
 
     def record(self, name: str, seed: int | str, report: SafetyReport, seconds: float | None = None) -> None:
         self.runs.setdefault(name, {})[f"w{self.world_seed}/s{seed}"] = report
-        for positions, extra in self.extra_attacks.items():
-            self.runs.setdefault(f"{name} @{positions} attack", {})[f"w{self.world_seed}/s{seed}"] = extra
-            logger.info("world %d %-20s seed %-2s routing attack at %s positions %5.1f%%", self.world_seed, name, seed,
-                        positions, 100 * extra.routing_attack_asr)
+        for suffix, extra in self.extra_attacks.items():
+            self.runs.setdefault(f"{name} @{suffix}", {})[f"w{self.world_seed}/s{seed}"] = extra
+            asr = {key: getattr(extra, f"{key}_asr") for key in ("routing_attack", *PROFILED_ATTACKS)}
+            logger.info("world %d %-20s seed %-2s %s: %s", self.world_seed, name, seed, suffix,
+                        ", ".join(f"{key} ASR {100 * v:5.1f}%" for key, v in asr.items() if v is not None))
         self.extra_attacks = {}
         if seconds is not None:
             self.timings.setdefault(name, []).append(seconds)
@@ -312,7 +353,10 @@ class WorldRun:
 
     def evaluated(self, trained) -> tuple[SafetyReport, float]:
         model, seconds = trained
-        self.extra_attacks = {p: self.evaluate(model, positions=p) for p in self.args.also_attack_positions}
+        self.extra_attacks = {f"{p} attack": self.evaluate(model, positions=p) for p in self.args.also_attack_positions}
+        for budget, attacks in self.args.also_attacks.items():
+            label = " + ".join(attacks)
+            self.extra_attacks[f"{label} budget {budget}"] = self.evaluate(model, profiled=attacks, budget=budget)
         return self.evaluate(model), seconds
 
 
@@ -464,7 +508,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "budget_epochs": 2 * rounds,
         "settings": {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool)) or v is None},
         "routing_attack": {"margin": script["attack_margin"], "positions": script["attack_positions"],
-                           "also_positions": args.also_attack_positions},
+                           "also_positions": args.also_attack_positions,
+                           "also_attacks": {str(b): a for b, a in args.also_attacks.items()}},
         "full_learning_rates": args.full_learning_rates,
         "detected_experts": detected,
         "random_experts": random_draws,

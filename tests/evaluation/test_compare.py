@@ -33,11 +33,12 @@ def test_summary_table_gives_mean_and_range_per_method(compare):
     tables = compare.summarise(runs)
     lines = tables["summary_table"].splitlines()
     assert lines[0].startswith("| method | runs | ASR aligned | ASR held-out |")
-    assert lines[0].endswith("| ASR under base routing | ASR under routing attack |")
+    assert lines[0].endswith("| ASR under base routing | ASR under routing attack | ASR under refusal-expert suppression "
+                             "| ASR under unsafe steering |")
     assert lines[2].startswith("| base | 1 | 100.0 | 50.0 |")  # base first, whatever the dict order
     rasa = lines[3].split(" | ")
     assert rasa[:4] == ["| RASA", "3", "25.0 (0.0–50.0)", "50.0"]  # every run agrees on held-out: no range
-    assert rasa[6] == "95.0 (90.0–100.0)" and rasa[-1] == "20.0 (10.0–30.0) |"
+    assert rasa[6] == "95.0 (90.0–100.0)" and rasa[-3:] == ["20.0 (10.0–30.0)", "–", "– |"]
     assert rasa[7] == "–"  # no routing shift measured
     stats = tables["summary"]["RASA"]["asr_aligned"]
     assert stats["mean"] == pytest.approx(0.25) and (stats["min"], stats["max"], stats["n"]) == (0.0, 0.5, 3)
@@ -86,3 +87,27 @@ def test_merge_joins_runs_of_separate_invocations(compare, tmp_path):
     (tmp_path / "w4" / "compare_results.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="budget_epochs"):
         compare.main(["--merge", str(tmp_path / "w*" / "compare_results.json"), "--output_dir", str(tmp_path / "x")])
+
+
+def test_also_attacks_group_by_budget_and_refuse_bad_specs(compare, capsys):
+    args = compare.parse_args(["--also_attacks", "refusal_suppression:2", "unsafe_steering", "refusal_suppression:4"])
+    assert args.also_attacks == {2: ["refusal_suppression", "unsafe_steering"], 4: ["refusal_suppression"]}
+    assert compare.parse_args([]).also_attacks == {}
+    for spec, message in [("routing:2", "'routing' is not one of ['refusal_suppression', 'unsafe_steering']"),
+                          ("refusal_suppression:x", "the budget after ':' must be a whole number"),
+                          ("unsafe_steering:0", "the budget must be at least 1 expert per MoE layer")]:
+        with pytest.raises(SystemExit):
+            compare.parse_args(["--also_attacks", spec])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--also_attacks", "unsafe_steering:2", "unsafe_steering"])
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_summary_table_has_the_profiled_attacks_columns(compare):
+    with_attack = SafetyReport(judge="j", refusal_judge="j", max_new_tokens=16, asr=0.0, n_attacks=4,
+                               refusal_suppression_asr=0.25, unsafe_steering_asr=0.5)
+    table = compare.summary_table({"RASA @refusal_suppression + unsafe_steering budget 2": compare.spread([with_attack])})
+    header, _, row = table.splitlines()
+    assert "ASR under refusal-expert suppression | ASR under unsafe steering |" in header
+    assert row.endswith("| 25.0 | 50.0 |")

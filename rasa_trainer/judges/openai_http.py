@@ -105,7 +105,9 @@ class OpenAIJudge:
         backoff: the first retry's wait in seconds, doubled at each retry (a `Retry-After` header is honoured; at
             most 60 s).
         cache: a JSON file of the answers of this run (read when it exists, written atomically after each call);
-            None keeps them in memory only.
+            None keeps them in memory only. Under a launcher with several processes (``WORLD_SIZE`` > 1) process
+            ``r`` > 0 writes ``<cache stem>.rank<r><suffix>`` beside it, so no process overwrites another's answers,
+            and every process reads them all.
         temperature: sampling temperature (0: the judge's most likely answer).
         max_tokens: the answer budget; default the format's.
     """
@@ -122,8 +124,8 @@ class OpenAIJudge:
         self.max_workers, self.timeout, self.max_retries, self.backoff = max_workers, timeout, max_retries, backoff
         self.temperature = temperature
         self.max_tokens = max_tokens or self.format.max_new_tokens
-        self.cache_path = None if cache is None else os.fspath(cache)
-        self._cache: dict[str, str] = {} if cache is None else _read_cache(cache)
+        self.cache_path = None if cache is None else _process_cache_path(os.fspath(cache))
+        self._cache: dict[str, str] = {} if cache is None else _read_caches(os.fspath(cache))
         self.name = f"openai:{self.format.name}:{model}"
         self.requests_sent = 0  # HTTP requests made (retries included), for reports and tests
 
@@ -271,6 +273,36 @@ def _answer(raw: bytes, api: str, url: str) -> str:
     if not isinstance(text, str):
         raise JudgeError(f"the response from {url} holds no answer text (content is {text!r})")
     return text
+
+
+def _launch_rank() -> int:
+    """This process's rank among several a launcher started (``RANK`` with ``WORLD_SIZE`` > 1), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _process_cache_path(path: str) -> str:
+    """Where this process writes its answers: ``path`` for process 0, ``<stem>.rank<r><suffix>`` for process r > 0
+    (each process writes its own file, atomically: the processes of one launch never overwrite each other's)."""
+    rank = _launch_rank()
+    if rank == 0:
+        return path
+    root, suffix = os.path.splitext(path)
+    return f"{root}.rank{rank}{suffix}"
+
+
+def _read_caches(path: str) -> dict[str, str]:
+    """The answers of ``path`` and of every process's file beside it (see :func:`_process_cache_path`)."""
+    import glob
+
+    answers = _read_cache(path)
+    root, suffix = os.path.splitext(path)
+    for other in sorted(glob.glob(f"{glob.escape(root)}.rank*{glob.escape(suffix)}")):
+        if other[len(root) + len(".rank"):len(other) - len(suffix)].isdigit():
+            answers.update(_read_cache(other))
+    return answers
 
 
 def _read_cache(path: str | os.PathLike) -> dict[str, str]:

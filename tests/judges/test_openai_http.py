@@ -149,6 +149,25 @@ def test_cache_answers_a_rerun_without_requests(serve, tmp_path):
     assert run_judge(dup, [PROMPTS[0]] * 3, [REPLIES[0]] * 3) == [True] * 3 and dup.requests_sent == 1
 
 
+def test_processes_of_one_launch_write_their_own_cache_files_and_read_them_all(serve, tmp_path, monkeypatch):
+    """Under torchrun every rank judges its own shard: one shared file would keep only the last writer's answers."""
+    server = serve(lambda body, n: (200, refusal_answer(body), 0, None))
+    cache = tmp_path / "judge_cache.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, rows in (("0", slice(0, 3)), ("1", slice(3, 6))):
+        monkeypatch.setenv("RANK", rank)
+        assert run_judge(judge(server.url, cache=str(cache)), PROMPTS[rows], REPLIES[rows]) == EXPECTED[rows]
+    assert len(json.loads(cache.read_text())["answers"]) == 3  # rank 1 left rank 0's file alone
+    assert len(json.loads((tmp_path / "judge_cache.rank1.json").read_text())["answers"]) == 6  # its 3 and rank 0's
+    assert len(server.requests) == 6
+    for rank in ("0", "1"):  # a rerun (resume) of either process asks nothing: it reads both files
+        monkeypatch.setenv("RANK", rank)
+        again = judge(server.url, cache=str(cache))
+        assert run_judge(again, PROMPTS, REPLIES) == EXPECTED and again.requests_sent == 0
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process afterwards (evaluate) reads them too
+    assert len(judge(server.url, cache=str(cache))._cache) == 6
+
+
 def test_cache_file_of_another_shape_or_a_link_is_refused(serve, tmp_path):
     server = serve(lambda body, n: (200, "Yes", 0, None))
     bad = tmp_path / "bad.json"

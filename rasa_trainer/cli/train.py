@@ -521,7 +521,9 @@ def check_attacks_on_model(model, inputs: Inputs, script_args: TrainScriptArgume
     return tuple(kept)
 
 
-def detect(model, tokenizer, pairs, judge, args, is_main: bool):
+def detect(model, tokenizer, pairs, judge, args):
+    """Detection on every process (each its share of the pairs, with its own resumable progress in --output_dir;
+    process 0 writes the artifacts)."""
     from ..detection.detect import detect_safety_critical_experts
 
     return detect_safety_critical_experts(
@@ -529,7 +531,7 @@ def detect(model, tokenizer, pairs, judge, args, is_main: bool):
         batch_size=args.detection_batch_size, max_new_tokens=args.detection_max_new_tokens,
         do_sample=args.detection_do_sample, temperature=args.detection_temperature, seed=args.seed,
         policy=args.sce_policy, num_experts=args.sce_num_experts, threshold=args.sce_threshold,
-        top_p_experts=args.sce_top_p, output_dir=args.output_dir if is_main else None,
+        top_p_experts=args.sce_top_p, output_dir=args.output_dir,
         chat_template_kwargs=args.chat_template_kwargs, backend=args.detection_backend,
         vllm_kwargs=args.detection_vllm_kwargs,
     )
@@ -606,7 +608,7 @@ def run(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments,
         inputs.attacks = check_attacks_on_model(model, inputs, script_args)
     base_model = copy.deepcopy(model) if evaluating and script_args.routing_diagnostics else None
     # the experts first: the base model's evaluation attacks it with them (the routing attack)
-    selection = select_experts(model, tokenizer, inputs, script_args, args, state.is_main_process)
+    selection = select_experts(model, tokenizer, inputs, script_args, args)
     if "routing" in inputs.attacks and selection is not None and not len(selection):
         _drop_routing_attack(inputs, script_args)
     before = None
@@ -628,13 +630,13 @@ def run(script_args: TrainScriptArguments, args, model_args: ModelLoadArguments,
     return results
 
 
-def select_experts(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, args, is_main: bool):
+def select_experts(model, tokenizer, inputs: Inputs, script_args: TrainScriptArguments, args):
     """The Safety-Critical Experts of the base model: the selection given (or resumed), else detected when the
     schedule trains experts; None for the schedules that train none."""
     if inputs.selection is not None or args.rasa_schedule not in ("alternate", "expert_only"):
         return inputs.selection
     judge = build_judge(inputs.detection_judge, script_args.judge_refusal_labels, inputs.judge_options)
-    return detect(model, tokenizer, inputs.pairs, judge, args, is_main)
+    return detect(model, tokenizer, inputs.pairs, judge, args)
 
 
 def _drop_routing_attack(inputs: Inputs, script_args: TrainScriptArguments) -> None:

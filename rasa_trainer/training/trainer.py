@@ -224,7 +224,7 @@ class RASATrainer(CheckpointingMixin, SFTTrainer):
             do_sample=args.detection_do_sample, temperature=args.detection_temperature,
             policy=args.sce_policy, num_experts=args.sce_num_experts, threshold=args.sce_threshold,
             top_p_experts=args.sce_top_p,
-            output_dir=args.output_dir if self.is_world_process_zero() else None,
+            output_dir=args.output_dir,  # every process keeps its share's progress; process 0 writes the artifacts
             chat_template_kwargs=args.chat_template_kwargs, backend=args.detection_backend,
             vllm_kwargs=args.detection_vllm_kwargs,
         )

@@ -99,7 +99,7 @@ def test_train_builds_the_http_judge_for_detection_and_evaluation(tmp_path, monk
 
     seen = {}
 
-    def stop(model, tokenizer, pairs, judge, args, is_main):
+    def stop(model, tokenizer, pairs, judge, args):
         seen.update(judge=judge, detection_judge=args.detection_judge)
         raise Stop
 

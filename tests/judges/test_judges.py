@@ -342,8 +342,10 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the judge was checked")
 
-    for name in ("common", "train", "detect", "evaluate"):
-        monkeypatch.setattr(importlib.import_module(f"rasa_trainer.cli.{name}"), "load_model", refuse)
+    # import every command first: one imported while common.load_model is patched would bind the stand-in for good
+    modules = [importlib.import_module(f"rasa_trainer.cli.{name}") for name in ("common", "train", "detect", "evaluate")]
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 def _command(name):
@@ -425,7 +427,7 @@ def test_train_detects_with_the_detection_judge_and_its_labels(tmp_path, classif
 
     seen = {}
 
-    def detect(model, tokenizer, pairs, judge, args, is_main):
+    def detect(model, tokenizer, pairs, judge, args):
         seen.update(judge=judge, args=args)
         raise Stop
 

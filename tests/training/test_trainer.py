@@ -408,3 +408,27 @@ def test_drop_last_with_a_batch_larger_than_the_data_is_refused_at_construction(
                                          r"than one batch of 64"):
         make_trainer(tmp_path, per_device_train_batch_size=64, dataloader_drop_last=True)
     make_trainer(tmp_path, per_device_train_batch_size=64)  # without drop_last the last, partial batch runs
+
+
+def test_every_process_detects_with_the_output_folder(tmp_path, monkeypatch):
+    """Detection inside train() gives every process the output folder, so each keeps its own share's progress there
+    and an interrupted multi-process run resumes on every rank (process 0 alone writes the artifacts and holds the
+    lock: detection's own rule). Before, only process 0 did, and the others regenerated their shares on resume."""
+    from rasa_trainer.detection import detect as detection
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_detect(model, tokenizer, pairs, **kwargs):
+        seen.append(kwargs["output_dir"])
+        raise Stop
+
+    monkeypatch.setattr(detection, "detect_safety_critical_experts", fake_detect)
+    for zero in (True, False):
+        trainer = make_trainer(tmp_path, selection=None, rasa_schedule="expert_only")
+        monkeypatch.setattr(trainer, "is_world_process_zero", lambda zero=zero: zero)
+        with pytest.raises(Stop):
+            trainer.train()
+    assert seen == [str(tmp_path / "out")] * 2

@@ -178,6 +178,10 @@ class CheckpointingMixin:
         finally:
             self.args.save_total_limit = limit
             self._pending_checkpoint = None
+        if self.args.world_size > 1:
+            # every process writes its own RNG state last, with no barrier after it in Trainer: the manifest, which
+            # marks the folder complete, must list them all
+            self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
         write_manifest(folder, self._run_fingerprint(), self.state.global_step)

@@ -8,6 +8,7 @@ each rank's router KL per step.
 import json
 import os
 import sys
+import time
 
 import torch.distributed as dist
 from transformers import TrainerCallback
@@ -47,6 +48,11 @@ class RankCheck(TrainerCallback):
 
 
 class KLTrainer(RASATrainer):
+    def _save_rng_state(self, output_dir):
+        if dist.get_rank() == 1:
+            time.sleep(1.5)  # the last file of a checkpoint, written by every rank: rank 1 comes late
+        super()._save_rng_state(output_dir)
+
     def _router_loss(self, *args, **kwargs):
         loss = super()._router_loss(*args, **kwargs)
         self.kl_values.append(float(loss))
@@ -56,7 +62,7 @@ class KLTrainer(RASATrainer):
 def main(output_dir: str) -> None:
     args = RASAConfig(
         output_dir=output_dir, rasa_rounds=1, per_device_train_batch_size=2, use_cpu=True, bf16=False,
-        report_to="none", save_strategy="no", expert_learning_rate=1e-2, router_learning_rate=1e-2, seed=0,
+        report_to="none", save_strategy="epoch", expert_learning_rate=1e-2, router_learning_rate=1e-2, seed=0,
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
     )
     tokenizer = tiny_chat_tokenizer()
@@ -78,6 +84,9 @@ def main(output_dir: str) -> None:
         "selections": _gather({str(k): v for k, v in selection.by_moe_layer().items()}),
         "epochs": check.epochs,
         "router_kl": _gather(trainer.kl_values),
+        "checkpoint_manifests": {
+            name: sorted(json.load(open(os.path.join(output_dir, name, "rasa_checkpoint.json")))["files"])
+            for name in sorted(os.listdir(output_dir)) if name.startswith("checkpoint-")},
     }
     if dist.get_rank() == 0:
         with open(os.path.join(output_dir, "ddp_report.json"), "w") as f:

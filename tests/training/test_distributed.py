@@ -36,6 +36,9 @@ def _check_report(output_dir):
     # the router KL is computed per rank on each rank's own batch (documented): the ranks see different values
     kl0, kl1 = report["router_kl"]
     assert len(kl0) == len(kl1) > 0 and kl0 != kl1
+    # a checkpoint is complete only with every rank's RNG state: the manifest waits for the late rank 1
+    manifests = report["checkpoint_manifests"]
+    assert len(manifests) == 2 and all({"rng_state_0.pth", "rng_state_1.pth"} <= set(f) for f in manifests.values())
     return report
 
 

@@ -85,15 +85,17 @@ def detection_fingerprint(model, tokenizer, dataset, *, judge, settings: Mapping
     :func:`folder_identity`."""
     from .. import __version__
 
-    return {
+    fingerprint = {
         "format": FORMAT,
         "model": model_identity(model, tokenizer),
         "model_files": folder_identity(weights_folder) if weights_folder is not None else None,
         "pairs": {"sha256": rows_sha256(dataset), "num_pairs": len(dataset)},
         "judge": judge_identity(judge),
-        "settings": json.loads(json.dumps(dict(settings), default=str)),  # plain JSON, as read back from disk
+        "settings": dict(settings),
         "rasa_trainer_version": __version__,
     }
+    # plain JSON, as read back from disk (a judge's tuple of phrases is then the list fingerprint.json holds)
+    return json.loads(json.dumps(fingerprint, default=str))
 
 
 _WINDOW = 1 << 16  # bytes read at the start, the middle and the end of every weights file

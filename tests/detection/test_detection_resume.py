@@ -286,3 +286,15 @@ def test_killed_detect_command_resumes_bit_identical(cli_inputs, tmp_path, monke
     assert resumed.to_dict() == reference.to_dict()
     assert sorted(p.name for p in out.iterdir()) == ["expert_stats.csv", "risk_difference.png",
                                                      "safety_critical_experts.json"]
+
+
+def test_a_judge_with_tuple_options_resumes(model, tokenizer, rows):
+    """The default keyword judge keeps its phrases in tuples; fingerprint.json holds lists. The fingerprint compared
+    must be the one read back, or every resume (and every rank reading rank 0's fresh fingerprint) is refused."""
+    from rasa_trainer.detection.progress import detection_fingerprint, progress_differences
+    from rasa_trainer.judges import RefusalKeywordJudge
+
+    judge = RefusalKeywordJudge()
+    assert any(isinstance(v, tuple) for v in vars(judge).values())
+    current = detection_fingerprint(model, tokenizer, rows, judge=judge, settings=SETTINGS)
+    assert progress_differences(json.loads(json.dumps(current)), current) == []

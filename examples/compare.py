@@ -38,7 +38,11 @@ and the steering baseline are deterministic and run once per world. Every method
 :func:`~rasa_trainer.evaluate_safety`: routing diagnostics against the base model (routing shift, ASR under the base
 model's routing) and the routing attack (ASR while every router is steered toward the experts detected on the base
 model, :func:`rasa_trainer.evaluation.steering.steer_toward`, at the position that decides the reply's first token). The
-attack's hooks run after the steering baseline's, so on the steering column the attacker overrides the steering. The script prints one table of the means
+attack's hooks run after the steering baseline's, so on the steering column the attacker overrides the steering. With
+``--also_attack_positions`` every trained model is also attacked at other positions, and with ``--also_attacks
+ATTACK[:BUDGET]`` under the attacks that profile the evaluated model itself (``refusal_suppression``,
+``unsafe_steering``; :mod:`rasa_trainer.evaluation.attacks`), held out from every method's training; each is a column
+``<method> @<attack>`` of its own. The script prints one table of the means
 over all runs (one column per method) and one of the spread (min-max), and writes ``compare_results.json`` (every
 run's full report, means, std, min, max, timings) and ``comparison.md`` (the tables and a summary table, mean
 (min-max) per method). ``--merge`` combines the results of several invocations (for example one per world seed) into

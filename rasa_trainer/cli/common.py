@@ -341,10 +341,10 @@ def model_location(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
-def load_model(args: ModelLoadArguments, device: Any = None, trust_remote_code: bool | None = None):
-    """``(model, tokenizer)`` from ``args`` in eval mode, on ``device`` when given; a pad token is set if missing.
-    ``trust_remote_code`` defaults to ``args.trust_remote_code`` (False when ``args`` has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tokenizer_and_load_options(args: ModelLoadArguments, trust_remote_code: bool | None):
+    """The model's location, the ``from_pretrained`` options (revision, ``trust_remote_code``: ``args``'s when None)
+    and its tokenizer with a pad token (generation needs one; replies stop at EOS anyway)."""
+    from transformers import AutoTokenizer
 
     if trust_remote_code is None:
         trust_remote_code = getattr(args, "trust_remote_code", False)
@@ -352,7 +352,16 @@ def load_model(args: ModelLoadArguments, device: Any = None, trust_remote_code: 
     load = {"revision": args.model_revision, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(location, **load)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # generation needs one; replies stop at EOS anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return location, load, tokenizer
+
+
+def load_model(args: ModelLoadArguments, device: Any = None, trust_remote_code: bool | None = None):
+    """``(model, tokenizer)`` from ``args`` in eval mode, on ``device`` when given; a pad token is set if missing.
+    ``trust_remote_code`` defaults to ``args.trust_remote_code`` (False when ``args`` has none)."""
+    from transformers import AutoModelForCausalLM
+
+    location, load, tokenizer = _tokenizer_and_load_options(args, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(args.dtype),
                                                  attn_implementation=args.attn_implementation, **load)
     if device is not None:
@@ -365,15 +374,9 @@ def load_model_skeleton(args: ModelLoadArguments, trust_remote_code: bool | None
     (its layout, dtype and generation config; no weights read): for the vLLM backend, which loads the weights
     itself."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    if trust_remote_code is None:
-        trust_remote_code = getattr(args, "trust_remote_code", False)
-    location = model_location(args.model_name_or_path)
-    load = {"revision": args.model_revision, "trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(location, **load)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    location, load, tokenizer = _tokenizer_and_load_options(args, trust_remote_code)
     config = AutoConfig.from_pretrained(location, **load)
     dtype = torch_dtype(args.dtype)
     if dtype == "auto":

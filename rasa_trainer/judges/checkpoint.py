@@ -85,3 +85,21 @@ def check_positive(**values: int | None) -> None:
     for key, value in values.items():
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def greedy_generate(model, tokenizer, texts: list[str], *, max_new_tokens: int, device: Any,
+                    add_special_tokens: bool) -> list[str]:
+    """A judge model's greedy replies to ``texts`` (already rendered prompts), one padded batch; the end tokens of its
+    generation config are preferred to the tokenizer's (Llama 3 lists ``<|eot_id|>`` among several)."""
+    import torch
+    from transformers import GenerationConfig
+
+    encoding = tokenizer(texts, padding=True, add_special_tokens=add_special_tokens, return_tensors="pt").to(device)
+    eos_id = getattr(model.generation_config, "eos_token_id", None)
+    if eos_id is None:
+        eos_id = tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=eos_id)
+    with torch.inference_mode():
+        output = model.generate(**encoding, generation_config=config)
+    return tokenizer.batch_decode(output[:, encoding["input_ids"].shape[1]:], skip_special_tokens=True)

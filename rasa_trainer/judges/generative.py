@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from .base import JudgeError, Prompt
-from .checkpoint import Checkpoint, batches, check_positive, ensure_pad_token, read_checkpoint, resolve_device
+from .checkpoint import (Checkpoint, batches, check_positive, ensure_pad_token, greedy_generate, read_checkpoint,
+                         resolve_device)
 from .formats import JudgeFormat, Verdict
 from .registry import register_judge
 
@@ -139,18 +140,6 @@ class GenerativeJudge:
                 "max_new_tokens": self.max_new_tokens}
 
     def _generate(self, texts: list[str]) -> list[str]:
-        import torch
-        from transformers import GenerationConfig
-
         add_special = self.format.add_special_tokens if self.format.text is not None else False
-        encoding = self.tokenizer(texts, padding=True, add_special_tokens=add_special,
-                                  return_tensors="pt").to(self.device)
-        # the generation config may list several end tokens (Llama 3: <|eot_id|> among them); prefer it
-        eos_id = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos_id is None:
-            eos_id = self.tokenizer.eos_token_id
-        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos_id)
-        with torch.inference_mode():
-            output = self.model.generate(**encoding, generation_config=config)
-        return self.tokenizer.batch_decode(output[:, encoding["input_ids"].shape[1]:], skip_special_tokens=True)
+        return greedy_generate(self.model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,
+                               device=self.device, add_special_tokens=add_special)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..data.contract import as_messages
 from .base import JudgeError, Prompt
-from .checkpoint import Checkpoint, batches, check_positive, ensure_pad_token, resolve_device
+from .checkpoint import Checkpoint, batches, check_positive, ensure_pad_token, greedy_generate, resolve_device
 from .registry import register_judge
 
 __all__ = ["GuardModelJudge"]
@@ -129,18 +129,6 @@ class GuardModelJudge:
         return messages + [{"role": "assistant", "content": reply}]
 
     def _generate(self, conversations: list[list[dict[str, Any]]]) -> list[str]:
-        import torch
-        from transformers import GenerationConfig
-
         rendered = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-        encoding = self.tokenizer(rendered, padding=True, add_special_tokens=False, return_tensors="pt").to(self.device)
-        # the generation config may list several end tokens (Llama 3: <|eot_id|> among them); prefer it
-        eos_id = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos_id is None:
-            eos_id = self.tokenizer.eos_token_id
-        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos_id)
-        with torch.inference_mode():
-            output = self.model.generate(**encoding, generation_config=config)
-        new_tokens = output[:, encoding["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return greedy_generate(self.model, self.tokenizer, rendered, max_new_tokens=self.max_new_tokens,
+                               device=self.device, add_special_tokens=False)

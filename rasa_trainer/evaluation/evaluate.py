@@ -55,7 +55,7 @@ token assignments, not of prompts: it has no interval.
 **Benchmarks and categories.** Rows may carry ``benchmark`` and ``category`` (the loaders of
 :mod:`~rasa_trainer.evaluation.benchmarks` set both): ASR, refusal, over-refusal and wrapped over-refusal are then also
 given per benchmark and per category (``<benchmark>/<category>``). The report names the judges (name, version,
-format: :func:`~rasa_trainer.evaluation.benchmarks.judge_provenance`) and, for sets loaded from benchmark files, the
+format: :func:`~rasa_trainer.judges.base.judge_provenance`) and, for sets loaded from benchmark files, the
 files with their SHA-256.
 
 **Multi-turn.** A row's ``prompt`` may be a conversation whose earlier assistant turns are fixed (a published
@@ -84,7 +84,7 @@ from ..data.contract import as_messages, check_chat_template_kwargs, validate_ev
 from ..detection.backends import GenerationBackend, check_backend, generation_backend
 from ..detection.generation import generate_replies
 from ..judges import Judge, RefusalKeywordJudge, run_judge
-from .benchmarks import judge_provenance
+from ..judges.base import judge_provenance
 from .reporting import Rate, difference_interval, outside_intervals
 from .routing_diagnostics import (
     RoutingShift,

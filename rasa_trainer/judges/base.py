@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Judge", "JudgeError", "Prompt", "describe_judge", "run_judge"]
+__all__ = ["Judge", "JudgeError", "Prompt", "describe_judge", "judge_provenance", "run_judge"]
 
 Prompt = str | Sequence[Mapping[str, Any]]  # a context: a string or chat messages, as in the dataset contract
 
@@ -87,4 +87,37 @@ def describe_judge(judge: Judge) -> dict[str, Any]:
         info = {"name": str(getattr(judge, "name", type(judge).__name__)), "kind": type(judge).__name__}
     info.setdefault("name", str(getattr(judge, "name", type(judge).__name__)))
     info.setdefault("kind", type(judge).__name__)
+    return info
+
+
+def judge_provenance(judge: Any) -> dict[str, Any]:
+    """What names a judge in a report: ``name``, ``class``, ``version`` and ``format``, plus whatever the judge's own
+    ``describe()`` reports (a model judge: its checkpoint, revision and prompt format with the format's version).
+
+    ``version``: the judge's ``version`` attribute; else its model and revision (``describe()``'s ``model`` and
+    ``revision``); else, for a judge defined in rasa-trainer, the package version (its behaviour ships with it);
+    otherwise ``None``, never a guess. ``format``: the prompt format it applies (``describe()``'s ``format``, or the
+    name of its ``format`` attribute), ``None`` when it has none (keyword matching).
+    """
+    from .. import __version__
+
+    cls = type(judge)
+    described = judge.describe() if callable(getattr(judge, "describe", None)) else {}
+    if not isinstance(described, Mapping):
+        raise TypeError(f"{cls.__name__}.describe() returned {type(described).__name__}; expected a dict")
+    version = getattr(judge, "version", None)
+    if version is None and described.get("model"):
+        revision = described.get("revision")
+        version = f"{described['model']}@{revision}" if revision else str(described["model"])
+    if version is None and cls.__module__.startswith("rasa_trainer."):
+        version = f"rasa-trainer {__version__}"
+    fmt = described.get("format", getattr(judge, "format", None))
+    fmt = getattr(fmt, "name", fmt)
+    info = {
+        "name": str(getattr(judge, "name", cls.__name__)),
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "version": None if version is None else str(version),
+        "format": None if fmt is None else str(fmt),
+    }
+    info.update({str(k): v for k, v in described.items() if str(k) not in info})
     return info

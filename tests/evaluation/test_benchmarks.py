@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from rasa_trainer.cli.arguments import join_repeated
+from rasa_trainer.judges.base import judge_provenance
 from rasa_trainer.evaluation.benchmarks import (
     BENCHMARKS,
     EvalSets,
-    judge_provenance,
     load_benchmark,
     load_benchmarks,
     parse_benchmark_spec,

@@ -298,3 +298,49 @@ def test_a_judge_with_tuple_options_resumes(model, tokenizer, rows):
     assert any(isinstance(v, tuple) for v in vars(judge).values())
     current = detection_fingerprint(model, tokenizer, rows, judge=judge, settings=SETTINGS)
     assert progress_differences(json.loads(json.dumps(current)), current) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# two processes: every rank keeps and resumes its own share
+
+
+def _two_rank_worker(rank, init_file, rows, out_dir, result_dir, interrupt):
+    import pytest as _pytest
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = tiny_model("olmoe")
+        with _pytest.MonkeyPatch.context() as patch:
+            counter = GenerateCounter(model, patch)
+            if interrupt:
+                interrupt_after(patch, 3)  # shard 0 of this rank (2 batches) written, shard 1 interrupted
+            try:
+                result = detect(model, tiny_chat_tokenizer(), rows, output_dir=out_dir)
+            except KeyboardInterrupt:
+                result = None
+        state = {"calls": counter.calls, "shards": shard_files(out_dir) if (out_dir / PROGRESS_DIR).exists() else [],
+                 "result": None if result is None else result.to_dict()}
+        (result_dir / f"{'first' if interrupt else 'resumed'}-rank{rank}.json").write_text(json.dumps(state))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_resumes_its_own_share(rows, reference, tmp_path):
+    """Rank r counts rows r::2 (7 pairs: shards of 4 and 3); both are interrupted in their second shard, then resumed:
+    each generates only that shard again, and the result is the one-process run's."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    for interrupt in (True, False):
+        mp.start_processes(_two_rank_worker, args=(str(tmp_path / f"init-{interrupt}"), rows, out, tmp_path, interrupt),
+                           nprocs=2, start_method="fork")
+    first = [json.loads((tmp_path / f"first-rank{r}.json").read_text()) for r in range(2)]
+    resumed = [json.loads((tmp_path / f"resumed-rank{r}.json").read_text()) for r in range(2)]
+    assert first[1]["shards"] == ["shard-rank000-000000.safetensors", "shard-rank001-000000.safetensors"]
+    assert [r["calls"] for r in first] == [2 * 3, 2 * 3] and first[0]["result"] is None
+    assert [r["calls"] for r in resumed] == [2 * 2, 2 * 2]  # shard 1 only (batches of 2 and 1 pairs), both sides
+    assert resumed[0]["result"] == resumed[1]["result"]
+    assert resumed[0]["result"]["experts"] == reference.to_dict()["experts"]
+    assert resumed[0]["result"]["pairs"] == reference.pairs
+    assert not (out / PROGRESS_DIR).exists()

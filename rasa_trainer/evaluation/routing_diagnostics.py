@@ -80,6 +80,12 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"logits_to_keep": 1} if accepts else {}
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The name ``forward`` takes the KV cache by: ``cache`` from transformers 5.25 on (``past_key_values`` is
+    deprecated there, to be removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Routing shift
 # --------------------------------------------------------------------------------------------------------------------
@@ -256,12 +262,13 @@ class _Decoder:
         self.mask = None if bool(mask.all()) else mask
         self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         self.kwargs = _forward_kwargs(model)
+        self.cache_argument = _cache_argument(model)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run on the new tokens; return the last position's logits in fp32."""
+        # the cache grows in place (DynamicCache.update), so the object passed in is the one to pass next time
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=self.cache, use_cache=True, **self.kwargs)
-        self.cache = out.past_key_values
+                         use_cache=True, **{self.cache_argument: self.cache}, **self.kwargs)
         return out.logits[:, -1].float()
 
     def advance(self) -> None:

@@ -20,6 +20,9 @@ Methods (columns):
 - ``steering``: no training; the detected experts are deactivated at inference by masking their router scores
   (:func:`rasa_trainer.evaluation.steering.steer_away`, SteerMoE style).
 - ``RASA``: both phases alternating on the detected experts (``alternate``).
+- ``RASA expanded (+B per layer)`` (``--methods rasa_expanded``): one round of adversarial expert expansion: the RASA
+  model's top ``--expand_budget`` compliance experts per MoE layer (profiled as the unsafe-steering attacker profiles,
+  but on the training pairs) added to the detected experts, then RASA trained again from the base model on the union.
 - ``RASA + <family> <rate>`` (``--methods rasa_augmented``): RASA with routing-robust repair
   (``routing_augmentation=<family>``, ``routing_augmentation_rate=<rate>``: a share of the expert phase's pair rows
   trains under the routing attack's routing; see ``docs/protocols/routing_augmentation.md``), one column per
@@ -75,7 +78,8 @@ from rasa_trainer.evaluation.steering import steer_away
 from rasa_trainer.utils import atomic_write, atomic_write_json
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "safety_world.yaml")
-METHODS = ("full", "expert_only", "expert_phases", "router_only", "random_experts", "steering", "rasa", "rasa_augmented")
+METHODS = ("full", "expert_only", "expert_phases", "router_only", "random_experts", "steering", "rasa", "rasa_augmented",
+           "rasa_expanded")
 VARIANTS = ("shared", "routing_decides")
 EVALUATION_WORLDS = (0, 3, 4)
 """World seeds of the tables; 1 and 2 are the validation worlds."""
@@ -114,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rasa_augmented: routing_augmentation_positions")
     p.add_argument("--augmentation_rates", type=float, nargs="+", default=[0.5],
                    help="rasa_augmented: routing_augmentation_rate values, one column each")
+    p.add_argument("--expand_budget", type=int, default=2,
+                   help="rasa_expanded: compliance experts per MoE layer of the RASA model (profiled on the training "
+                        "pairs) added to the detected ones before RASA trains again from the base model")
     p.add_argument("--rasa_rounds", type=int, default=None, help="rounds R; every method trains 2R epochs")
     p.add_argument("--expert_learning_rate", type=float, default=None)
     p.add_argument("--router_learning_rate", type=float, default=None)
@@ -143,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.also_attacks = parse_attack_specs(p, args.also_attacks)
     if args.world_seed is not None:
         args.world_seeds = [args.world_seed]
+    if args.expand_budget < 1:
+        p.error(f"--expand_budget {args.expand_budget}: must be at least 1 expert per MoE layer")
     bad = [r for r in args.augmentation_rates if not 0 <= r <= 1]
     if bad:
         p.error(f"--augmentation_rates {bad}: each rate must be in [0, 1]")
@@ -263,6 +272,7 @@ class WorldRun:
         self.runs: dict[str, dict[str, SafetyReport]] = {}
         self.timings: dict[str, list[float]] = {}
         self.random_draws: dict[str, Any] = {}
+        self.expansions: dict[str, Any] = {}  # rasa_expanded: the union selection of each run
         self.detected: SafetyCriticalExperts | None = None
         self.extra_attacks: dict[str, SafetyReport] = {}  # --also_attack_*: the last evaluated model's, by column suffix
 
@@ -342,8 +352,17 @@ class WorldRun:
             self.random_draws[f"w{self.world_seed}/s{seed}"] = {
                 "experts": experts_json(chosen), "overlap_with_detected": overlap(chosen, self.detected)}
             self.record("random experts", seed, *self.evaluated(fit("alternate", rounds, chosen)))
-        if "rasa" in methods:
-            self.record("RASA", seed, *self.evaluated(fit("alternate", rounds, self.detected)))
+        rasa_model = None
+        if "rasa" in methods or "rasa_expanded" in methods:
+            rasa_model, seconds = fit("alternate", rounds, self.detected)
+            if "rasa" in methods:
+                self.record("RASA", seed, *self.evaluated((rasa_model, seconds)))
+        if "rasa_expanded" in methods:
+            expanded = self.expanded_selection(rasa_model, self.args.expand_budget)
+            self.expansions[f"w{self.world_seed}/s{seed}"] = {
+                "experts": experts_json(expanded), "added": len(expanded) - len(self.detected)}
+            self.record(f"RASA expanded (+{self.args.expand_budget} per layer)", seed,
+                        *self.evaluated(fit("alternate", rounds, expanded)))
         if "rasa_augmented" in methods:
             family = self.args.augmentation
             for rate in self.args.augmentation_rates:
@@ -354,6 +373,28 @@ class WorldRun:
                               rounds=rounds, seed=seed, selection=self.detected, extra=extra)
                 suffix = "" if where == "reply" else f" ({where})"  # reply positions: the columns' first name
                 self.record(f"RASA + {family} {rate:g}{suffix}", seed, *self.evaluated(model))
+
+    def expanded_selection(self, model, per_layer: int) -> SafetyCriticalExperts:
+        """The detected experts plus ``model``'s ``per_layer`` top compliance experts per MoE layer, profiled as the
+        unsafe-steering attacker profiles but on the training pairs (jailbreaks and their plain anchors), never on the
+        evaluation sets."""
+        from rasa_trainer.evaluation.attacks import AttackBudget, profile_experts, select_experts_by_budget
+        from rasa_trainer.moe.discovery import moe_layers
+
+        anchor = self.settings.get("anchor_column", "anchor_prompt")
+        sets = {"attacks": [{"prompt": row["prompt"]} for row in self.pairs],
+                "anchors": [{"prompt": row[anchor]} for row in self.pairs]}
+        profile = profile_experts(model, self.tokenizer, sets, self.judge, batch_size=self.script["eval_batch_size"],
+                                  max_new_tokens=self.script["eval_max_new_tokens"], progress=False)
+        layers = moe_layers(model)
+        added = select_experts_by_budget(profile.compliance_scores(), AttackBudget(per_layer),
+                                         [layer.num_experts for layer in layers])
+        mask = added.clone()
+        for layer, experts in self.detected.by_moe_layer().items():
+            mask[int(layer), experts] = True
+        return SafetyCriticalExperts.from_statistics(
+            self.base_model, self.detected.statistics, mask, selection={"policy": "detected + compliance experts",
+                                                                        "expand_budget": per_layer})
 
     def evaluated(self, trained) -> tuple[SafetyReport, float]:
         model, seconds = trained
@@ -494,7 +535,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 args.seeds, 2 * rounds)
     runs: dict[str, dict[str, SafetyReport]] = {}
     timings: dict[str, list[float]] = {}
-    detected, random_draws = {}, {}
+    detected, random_draws, expansions = {}, {}, {}
     for world_seed in args.world_seeds:
         world = WorldRun(args, settings, script, base_model, tokenizer, world_seed)
         world.run()
@@ -504,6 +545,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             timings.setdefault(name, []).extend(values)
         detected[str(world_seed)] = experts_json(world.detected)
         random_draws.update(world.random_draws)
+        expansions.update(world.expansions)
     return {
         "variant": args.variant,
         "world_seeds": args.world_seeds,
@@ -517,6 +559,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "full_learning_rates": args.full_learning_rates,
         "detected_experts": detected,
         "random_experts": random_draws,
+        "expanded_experts": expansions,
         "runs": runs,
         "timings_s": timings,
     }
@@ -539,6 +582,7 @@ def merge_results(paths: list[str]) -> dict[str, Any]:
     merged["seeds"] = sorted({s for p in parts for s in p["seeds"]})
     merged["merged_from"] = files
     merged["runs"], merged["timings_s"], merged["detected_experts"], merged["random_experts"] = {}, {}, {}, {}
+    merged["expanded_experts"] = {}
     for part in parts:
         for name, reports in part["runs"].items():
             merged["runs"].setdefault(name, {}).update(
@@ -548,6 +592,7 @@ def merge_results(paths: list[str]) -> dict[str, Any]:
                 merged["timings_s"].setdefault(name, []).extend(values)
         merged["detected_experts"].update(part["detected_experts"])
         merged["random_experts"].update(part["random_experts"])
+        merged["expanded_experts"].update(part.get("expanded_experts", {}))
     merged["timings_s"]["total"] = sum(p["timings_s"].get("total", 0.0) for p in parts)
     return merged
 

@@ -118,17 +118,23 @@ def test_published_model_reloads(job):
 def test_compare_quick_runs_baselines_side_by_side(tmp_path):
     """`examples/compare.py --quick` on a subset of methods writes one table with a column per method."""
     cmd = [sys.executable, str(ROOT / "examples" / "compare.py"), "--quick", "--output_dir", str(tmp_path),
-           "--methods", "rasa", "steering", "router_only", "--also_attacks", "unsafe_steering:1"]
+           "--methods", "rasa", "steering", "router_only", "rasa_expanded", "--also_attacks", "unsafe_steering:1"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"compare.py failed:\n{proc.stderr[-6000:]}"
     results = json.loads((tmp_path / "compare_results.json").read_text())
     # --also_attacks: every trained model (not base, not the untrained steering) also under unsafe steering
-    attacked = {f"{name} @unsafe_steering budget 1" for name in ("router only", "RASA")}
-    assert set(results["summary"]) == {"base", "steering", "router only", "RASA"} | attacked
+    expanded = "RASA expanded (+2 per layer)"
+    attacked = {f"{name} @unsafe_steering budget 1" for name in ("router only", "RASA", expanded)}
+    assert set(results["summary"]) == {"base", "steering", "router only", "RASA", expanded} | attacked
     base, rasa = results["summary"]["base"], results["summary"]["RASA"]
     assert rasa["asr_aligned"]["mean"] < base["asr_aligned"]["mean"]
     steered = results["runs"]["RASA @unsafe_steering budget 1"]["w0/s0"]
     assert steered["unsafe_steering"]["budget"]["experts"] == 1 and 0.0 <= steered["unsafe_steering_asr"] <= 1.0
     assert results["routing_attack"]["also_attacks"] == {"1": ["unsafe_steering"]}
+    # the expansion: the detected experts and at most 2 more per MoE layer (SafetyWorld: 4 MoE layers)
+    detected, union = results["detected_experts"]["0"], results["expanded_experts"]["w0/s0"]
+    assert all(set(experts) <= set(union["experts"][layer]) for layer, experts in detected.items())
+    assert all(len(union["experts"][layer]) - len(detected.get(layer, [])) <= 2 for layer in union["experts"])
+    assert 0 < union["added"] <= 8
     assert (tmp_path / "comparison.md").exists()

@@ -22,7 +22,7 @@ Methods (columns):
 - ``RASA``: both phases alternating on the detected experts (``alternate``).
 - ``RASA expanded (+B per layer)`` (``--methods rasa_expanded``): one round of adversarial expert expansion: the RASA
   model's top ``--expand_budget`` compliance experts per MoE layer (profiled as the unsafe-steering attacker profiles,
-  but on the training pairs) added to the detected experts, then RASA trained again from the base model on the union.
+  but on training data: the training pairs and benign retain prompts) added to the detected experts, then RASA trained again from the base model on the union.
 - ``RASA + <family> <rate>`` (``--methods rasa_augmented``): RASA with routing-robust repair
   (``routing_augmentation=<family>``, ``routing_augmentation_rate=<rate>``: a share of the expert phase's pair rows
   trains under the routing attack's routing; see ``docs/protocols/routing_augmentation.md``), one column per
@@ -266,6 +266,7 @@ class WorldRun:
         self.base_model, self.tokenizer, self.world_seed = base_model, tokenizer, world_seed
         world = make_world(seed=world_seed)
         self.pairs = world.train_pairs()
+        self.benign = [{"prompt": row["prompt"]} for row in world.retain_pairs()]  # never in the evaluation sets
         self.eval_sets = {name: evenly(rows, args.eval_rows) for name, rows in world.eval_sets().items()}
         self.judge = SafetyWorldJudge()
         self.rounds = int(settings.get("rasa_rounds", 3))
@@ -376,19 +377,22 @@ class WorldRun:
 
     def expanded_selection(self, model, per_layer: int) -> SafetyCriticalExperts:
         """The detected experts plus ``model``'s ``per_layer`` top compliance experts per MoE layer, profiled as the
-        unsafe-steering attacker profiles but on the training pairs (jailbreaks and their plain anchors), never on the
-        evaluation sets."""
+        unsafe-steering attacker profiles but on training data (the training pairs' jailbreaks and plain anchors, and
+        the world's benign retain prompts as the attacker's benign requests), never on the evaluation sets."""
         from rasa_trainer.evaluation.attacks import AttackBudget, profile_experts, select_experts_by_budget
         from rasa_trainer.moe.discovery import moe_layers
 
         anchor = self.settings.get("anchor_column", "anchor_prompt")
         sets = {"attacks": [{"prompt": row["prompt"]} for row in self.pairs],
-                "anchors": [{"prompt": row[anchor]} for row in self.pairs]}
+                "anchors": [{"prompt": row[anchor]} for row in self.pairs], "over_refusal": self.benign}
         profile = profile_experts(model, self.tokenizer, sets, self.judge, batch_size=self.script["eval_batch_size"],
                                   max_new_tokens=self.script["eval_max_new_tokens"], progress=False)
         layers = moe_layers(model)
         added = select_experts_by_budget(profile.compliance_scores(), AttackBudget(per_layer),
                                          [layer.num_experts for layer in layers])
+        if not added.any():
+            logger.warning("world %d: the expansion adds no expert (%s)", self.world_seed,
+                           profile.usable() or "no expert is more active on compliance than on refusal")
         mask = added.clone()
         for layer, experts in self.detected.by_moe_layer().items():
             mask[int(layer), experts] = True

@@ -159,11 +159,11 @@ def hold_run_lock(output_dir: str) -> RunLock:
     raise OutputFolderError(f"could not take the run lock {path}: it keeps being replaced by another process")
 
 
-def _launch_rank() -> int:
+def launch_rank() -> int:
     """This process's global rank as launchers set it (torchrun, ``accelerate launch`` and the DeepSpeed launcher set
-    ``RANK``), before any process group exists; 0 without a launcher."""
+    ``RANK`` and ``WORLD_SIZE``), before any process group exists; 0 without a launcher or with one process."""
     try:
-        return int(os.environ.get("RANK", "0"))
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     except ValueError:
         return 0
 
@@ -175,7 +175,7 @@ def run_lock_holder(output_dir: str) -> str | None:
     Only the launch's process 0 looks: it is the one that will hold the lock, and the other processes of the same
     launch would otherwise see their own process 0's fresh lock as another run's and refuse themselves (a race: rank 0
     can take the lock before rank 1 has finished its checks). Process 0 refuses for the whole launch."""
-    if _launch_rank() != 0:
+    if launch_rank() != 0:
         return None
     path = os.path.join(os.path.realpath(output_dir), LOCK_FILE)
     if path in _HELD or not os.path.lexists(path):

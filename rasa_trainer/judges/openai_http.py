@@ -275,18 +275,12 @@ def _answer(raw: bytes, api: str, url: str) -> str:
     return text
 
 
-def _launch_rank() -> int:
-    """This process's rank among several a launcher started (``RANK`` with ``WORLD_SIZE`` > 1), else 0."""
-    try:
-        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    except ValueError:
-        return 0
-
-
 def _process_cache_path(path: str) -> str:
     """Where this process writes its answers: ``path`` for process 0, ``<stem>.rank<r><suffix>`` for process r > 0
     (each process writes its own file, atomically: the processes of one launch never overwrite each other's)."""
-    rank = _launch_rank()
+    from ..run_lock import launch_rank
+
+    rank = launch_rank()
     if rank == 0:
         return path
     root, suffix = os.path.splitext(path)

@@ -186,6 +186,7 @@ def test_only_the_launchs_process_zero_refuses_before_loading(tmp_path, other_ru
 
     out, holder = other_run
     args = SimpleNamespace(output_dir=str(out), overwrite_output_dir=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert run_lock_holder(str(out)) is None
     check_run_folder(args, None)

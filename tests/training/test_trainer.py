@@ -272,6 +272,8 @@ def test_save_reload_same_logits_both_modes(tmp_path):
         assert "rasa_repairs" not in (out / "config.json").read_text()  # the experts implementation is not saved
         card = (out / "README.md").read_text()
         assert "| 0 | 0 | 1, 3 |" in card and "rasa" in card
+        # the measured limit a user must know before publishing: attacks that steer around the repaired experts
+        assert "routes around the repairs" in card and "--attacks routing,refusal_suppression,unsafe_steering" in card
 
 
 def test_resume_gives_same_weights(tmp_path):

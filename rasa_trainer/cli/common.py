@@ -172,6 +172,17 @@ def check_judges(judges: list[tuple[str, str | None]], refusal_labels: list[str]
                          "qwen3guard:<folder> takes --judge_controversial")
 
 
+JUDGE_CACHE_FILE = "judge_cache.json"
+
+
+def with_judge_cache(options: dict[str, Any], judges: tuple[str | None, ...], output_dir: str | None) -> dict[str, Any]:
+    """``options`` (the ``--judge_<option>`` values) with, when one of ``judges`` is the HTTP judge, its answers cached
+    in ``output_dir``/judge_cache.json unless ``--judge_cache`` says where."""
+    if "openai" in judges and "cache" not in options and output_dir:
+        options["cache"] = os.path.join(output_dir, JUDGE_CACHE_FILE)
+    return options
+
+
 def judge_options(name: str, refusal_labels: list[str] | None,
                   options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The options the judge ``name`` gets: ``--judge_refusal_labels`` and the ``--judge_<option>`` values it takes."""

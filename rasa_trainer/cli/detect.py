@@ -46,6 +46,7 @@ from .common import (
     load_pairs,
     parse,
     torch_dtype,
+    with_judge_cache,
 )
 
 
@@ -134,10 +135,7 @@ def check_values(args: DetectionArguments) -> None:
 def judge_options(args: DetectionArguments, judge_args: JudgeArguments | None) -> dict:
     """The ``--judge_<option>`` values; the HTTP judge's answers are cached in ``--output_dir``/judge_cache.json
     unless ``--judge_cache`` says where."""
-    options = judge_args.options() if judge_args is not None else {}
-    if args.judge == "openai" and "cache" not in options and args.output_dir:
-        options["cache"] = os.path.join(args.output_dir, "judge_cache.json")
-    return options
+    return with_judge_cache(judge_args.options() if judge_args is not None else {}, (args.judge,), args.output_dir)
 
 
 def preflight(args: DetectionArguments, model_args: ModelArguments, judge_args: JudgeArguments | None = None):

@@ -44,6 +44,7 @@ from .common import (
     model_location,
     parse,
     torch_dtype,
+    with_judge_cache,
 )
 
 
@@ -255,10 +256,7 @@ def _checked_attacks(args: EvaluationArguments, model, sets, base_model, attack_
 def _judge_options(args: EvaluationArguments, judge_args: JudgeArguments, output_dir: str) -> dict[str, Any]:
     """The ``--judge_<option>`` values; the HTTP judge's answers are cached in the output folder unless
     ``--judge_cache`` says where."""
-    options = judge_args.options()
-    if args.judge == "openai" and "cache" not in options:
-        options["cache"] = os.path.join(output_dir, "judge_cache.json")
-    return options
+    return with_judge_cache(judge_args.options(), (args.judge,), output_dir)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

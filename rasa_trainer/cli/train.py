@@ -57,6 +57,7 @@ from .common import (
     parse,
     split_equals,
     torch_dtype,
+    with_judge_cache,
 )
 
 logger = logging.getLogger("rasa")
@@ -330,10 +331,7 @@ def preflight(script_args: TrainScriptArguments, args, model_args: ModelLoadArgu
 def judge_options(script_args: TrainScriptArguments, args) -> dict[str, Any]:
     """The ``--judge_<option>`` values; with the HTTP judge (``--judge openai`` or ``--detection_judge openai``) its
     answers are cached in ``--output_dir``/judge_cache.json unless ``--judge_cache`` says where."""
-    options = script_args.options()
-    if "openai" in (script_args.judge, args.detection_judge) and "cache" not in options:
-        options["cache"] = os.path.join(args.output_dir, "judge_cache.json")
-    return options
+    return with_judge_cache(script_args.options(), (script_args.judge, args.detection_judge), args.output_dir)
 
 
 def _attack_list(script_args: TrainScriptArguments) -> tuple[str, ...] | None:

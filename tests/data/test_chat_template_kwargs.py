@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from tiny_chat import tiny_chat_tokenizer, tiny_pairs
+from tiny_chat import chat_tokenizer_with, tiny_pairs
 from rasa_trainer.cli import UsageError
 from rasa_trainer.data.contract import render_chat
 from rasa_trainer.detection.detect import detect_safety_critical_experts
@@ -28,17 +28,7 @@ THINKING_TEMPLATE = (
 def thinking_tokenizer(calls: list | None = None):
     """The tiny chat tokenizer with the thinking switch; with ``calls``, every apply_chat_template call's
     ``enable_thinking`` is appended there (``"absent"`` when not passed)."""
-    tokenizer = tiny_chat_tokenizer()
-    tokenizer.chat_template = THINKING_TEMPLATE
-    if calls is not None:
-        original = tokenizer.apply_chat_template
-
-        def spy(*args, **kwargs):
-            calls.append(kwargs.get("enable_thinking", "absent"))
-            return original(*args, **kwargs)
-
-        tokenizer.apply_chat_template = spy
-    return tokenizer
+    return chat_tokenizer_with(THINKING_TEMPLATE, calls)
 
 
 def model_for(tokenizer):

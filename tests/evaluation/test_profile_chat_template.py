@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from conftest import tiny_model
-from tiny_chat import tiny_chat_tokenizer
+from tiny_chat import chat_tokenizer_with as tokenizer_with
 from rasa_trainer.evaluation.attacks import profile_experts
 from rasa_trainer.evaluation.evaluate import evaluate_safety
 
@@ -32,20 +32,6 @@ SETS = {
 def anchors_refused(prompts, replies):
     """Refuses exactly the plain harmful requests: both profile classes have tokens, whatever the model says."""
     return [p[-1]["content"] in ANCHORS for p in prompts]
-
-
-def tokenizer_with(template: str, calls: list | None = None):
-    tokenizer = tiny_chat_tokenizer()
-    tokenizer.chat_template = template
-    if calls is not None:
-        original = tokenizer.apply_chat_template
-
-        def spy(*args, **kwargs):
-            calls.append(kwargs.get("enable_thinking", "absent"))
-            return original(*args, **kwargs)
-
-        tokenizer.apply_chat_template = spy
-    return tokenizer
 
 
 def counts(profile):
